@@ -1,0 +1,3 @@
+"""edgevit: attention-centred ViT compression and deployment for edge GPUs."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,26 @@
+"""Datasets, transforms, splits and calibration sampling."""
+
+from edgevit.data.datasets import (
+    DIGITS,
+    data_ref,
+    default_input,
+    load_ref,
+    load_split,
+    source_classes,
+)
+from edgevit.data.sampling import balanced_indices, calibration_batch, fraction_subset
+from edgevit.data.transforms import default_preprocessing, image_to_tensor
+
+__all__ = [
+    "DIGITS",
+    "balanced_indices",
+    "calibration_batch",
+    "data_ref",
+    "default_input",
+    "default_preprocessing",
+    "fraction_subset",
+    "image_to_tensor",
+    "load_ref",
+    "load_split",
+    "source_classes",
+]

@@ -1,0 +1,225 @@
+"""Datasets: the embedded ``digits`` set and image folders, with fixed train/val/test splits.
+
+A data source is the string ``digits`` or a path to a folder of class sub-folders, optionally split into
+``train/``, ``val/`` and ``test/``. Without split folders, each class's files are split 70/10/20 by a
+seeded shuffle, so every command sees the same split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from edgevit.data.transforms import default_preprocessing, image_to_tensor, normalize
+from edgevit.errors import EdgeVitError
+from edgevit.vit.bundle import DataRef, Preprocessing
+
+log = logging.getLogger("edgevit")
+
+DIGITS = "digits"
+SPLITS = ("train", "val", "test")
+SPLIT_FRACTIONS = {"train": (0.0, 0.7), "val": (0.7, 0.8), "test": (0.8, 1.0)}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+SPLIT_SEED = 0
+
+
+class TensorImages(Dataset):
+    """Images already decoded into one ``N x C x H x W`` tensor (small sets such as digits)."""
+
+    def __init__(self, images: torch.Tensor, targets: Sequence[int], classes: list[str]) -> None:
+        self.images = images
+        self.targets = list(targets)
+        self.classes = classes
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.images[i], self.targets[i]
+
+
+class ImageFiles(Dataset):
+    """Image files decoded on first use and kept in memory after that."""
+
+    def __init__(self, files: list[Path], targets: list[int], classes: list[str], pre: Preprocessing) -> None:
+        self.files = files
+        self.targets = targets
+        self.classes = classes
+        self.pre = pre
+        self._cache: dict[int, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        if i not in self._cache:
+            with Image.open(self.files[i]) as image:
+                self._cache[i] = image_to_tensor(image, self.pre)
+        return self._cache[i], self.targets[i]
+
+
+def digits_images(size: int) -> tuple[torch.Tensor, np.ndarray]:
+    """scikit-learn's 1797 handwritten digits (8x8, values 0..16), upscaled to ``size``, in [0, 1]."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = torch.from_numpy(bunch.images.astype(np.float32) / 16.0).unsqueeze(1)
+    images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+    return images.clamp_(0, 1), bunch.target
+
+
+def _split_indices(labels: Sequence[int], split: str) -> list[int]:
+    """Per-class seeded shuffle cut at the split fractions: stratified and stable."""
+    lo, hi = SPLIT_FRACTIONS[split]
+    by_class: dict[int, list[int]] = {}
+    for i, y in enumerate(labels):
+        by_class.setdefault(int(y), []).append(i)
+    rng = random.Random(SPLIT_SEED)
+    chosen = []
+    for y in sorted(by_class):
+        idx = by_class[y]
+        rng.shuffle(idx)
+        chosen += idx[round(lo * len(idx)):round(hi * len(idx))]
+    return sorted(chosen)
+
+
+def _select_classes(all_classes: list[str], classes: list[str] | None) -> list[str]:
+    if classes is None:
+        return all_classes
+    unknown = [c for c in classes if c not in all_classes]
+    if unknown:
+        raise EdgeVitError(f"classes {unknown} are not in the dataset (it has {all_classes})")
+    return list(classes)
+
+
+def _load_digits(split: str, pre: Preprocessing, classes: list[str] | None) -> TensorImages:
+    images, labels = digits_images(pre.size)
+    images = images.expand(-1, pre.channels, -1, -1)
+    all_classes = [str(c) for c in range(10)]
+    keep = _select_classes(all_classes, classes)
+    index = {all_classes.index(c): i for i, c in enumerate(keep)}
+    rows = [i for i in _split_indices(labels, split) if int(labels[i]) in index]
+    targets = [index[int(labels[i])] for i in rows]
+    return TensorImages(normalize(images[rows], pre), targets, keep)
+
+
+def _is_image(path: Path) -> bool:
+    try:
+        with Image.open(path) as image:
+            image.verify()
+        return True
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        return False
+
+
+def _class_dirs(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _scan(root: Path, classes: list[str]) -> tuple[list[Path], list[int]]:
+    files, targets, skipped = [], [], []
+    for label, name in enumerate(classes):
+        class_dir = root / name
+        found = 0
+        for path in sorted(class_dir.rglob("*")) if class_dir.is_dir() else []:
+            if not path.is_file() or path.name.startswith("."):
+                continue
+            if path.suffix.lower() in IMAGE_SUFFIXES and _is_image(path):
+                files.append(path)
+                targets.append(label)
+                found += 1
+            else:
+                skipped.append(path)
+        if found == 0:
+            raise EdgeVitError(f"class {name!r} has no readable images under {root}")
+    if skipped:
+        log.warning("skipped %d non-image or unreadable file(s) under %s (first: %s)",
+                    len(skipped), root, skipped[0])
+    return files, targets
+
+
+def folder_classes(root: Path) -> list[str]:
+    """Class names of an image folder (from ``train/`` when the folder is split)."""
+    top = root / "train" if (root / "train").is_dir() else root
+    classes = [p.name for p in _class_dirs(top)]
+    if not classes:
+        raise EdgeVitError(f"{root} has no class sub-folders (expected {root}/<class>/<image files>)")
+    return classes
+
+
+def _load_folder(root: Path, split: str, pre: Preprocessing, classes: list[str] | None) -> ImageFiles:
+    keep = _select_classes(folder_classes(root), classes)
+    if (root / "train").is_dir():
+        split_dir = root / split
+        if not split_dir.is_dir():
+            fallback = "val" if split == "test" else "test"
+            if split == "train" or not (root / fallback).is_dir():
+                raise EdgeVitError(f"{root} has train/ but no {split}/ folder")
+            log.warning("%s has no %s/ folder; using %s/", root, split, fallback)
+            split_dir = root / fallback
+        files, targets = _scan(split_dir, keep)
+    else:
+        all_files, all_targets = _scan(root, keep)
+        rows = _split_indices(all_targets, split)
+        files, targets = [all_files[i] for i in rows], [all_targets[i] for i in rows]
+    if not files:
+        raise EdgeVitError(f"the {split} split of {root} is empty")
+    return ImageFiles(files, targets, keep, pre)
+
+
+def load_split(source: str, split: str, pre: Preprocessing, classes: list[str] | None = None) -> Dataset:
+    """One split (``train``, ``val`` or ``test``) of a data source, preprocessed as ``pre``.
+
+    Args:
+        source: ``digits`` or a path to an image folder.
+        split: ``train``, ``val`` or ``test``.
+        pre: the preprocessing of the model that will read the images.
+        classes: a subset of the source's classes, in label order (default: all, sorted).
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if source == DIGITS:
+        return _load_digits(split, pre, classes)
+    root = Path(source)
+    if not root.is_dir():
+        raise EdgeVitError(f"data {source!r} is neither 'digits' nor an image folder")
+    return _load_folder(root, split, pre, classes)
+
+
+def source_classes(source: str) -> list[str]:
+    return [str(c) for c in range(10)] if source == DIGITS else folder_classes(Path(source))
+
+
+def default_input(source: str) -> Preprocessing:
+    """A sensible input for a source: 32 px grayscale for digits, 224 px RGB for folders."""
+    return default_preprocessing(32, 1) if source == DIGITS else default_preprocessing(224, 3)
+
+
+def fingerprint(source: str) -> str:
+    """A short hash of the source's file list and sizes (digits: a fixed tag)."""
+    if source == DIGITS:
+        return "sklearn-digits"
+    root = Path(source)
+    h = hashlib.sha1()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(f"{path.relative_to(root)}:{path.stat().st_size}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def data_ref(source: str, classes: list[str] | None = None) -> DataRef:
+    source = source if source == DIGITS else str(Path(source).resolve())
+    return DataRef(source=source, classes=classes, fingerprint=fingerprint(source))
+
+
+def load_ref(ref: DataRef, split: str, pre: Preprocessing) -> Dataset:
+    """The split a bundle's :class:`DataRef` points at."""
+    return load_split(ref.source, split, pre, ref.classes)

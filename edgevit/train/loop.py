@@ -1,0 +1,270 @@
+"""One training loop for every method.
+
+AdamW with linear warm-up and cosine decay, label smoothing, AMP on CUDA, a checkpoint after every epoch
+(``checkpoint.pt``: model, optimizer, epoch, step, history) from which ``resume=True`` continues after a
+kill, a progress bar, seeded data order and augmentation (a resumed run replays the same batches), and
+DistributedDataParallel when started under ``torchrun`` (gloo on CPU, NCCL on GPU).
+
+Methods customise training through ``loss_fn(model, images, labels) -> (loss, logits)`` and by passing
+a module that holds everything trainable (frozen parts simply have ``requires_grad=False``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from edgevit.errors import EdgeVitError
+
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+CHECKPOINT = "checkpoint.pt"
+console = Console(stderr=True)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings shared by every method.
+
+    Args:
+        epochs: passes over the training split.
+        batch_size: global batch size (split across DDP ranks).
+        lr: peak learning rate after warm-up.
+        weight_decay: AdamW decay, not applied to norms, biases, tokens and position embeddings.
+        warmup_epochs: linear warm-up length.
+        label_smoothing: cross-entropy label smoothing for the default loss.
+        augment: ``none``, ``shift`` (random translate/scale) or ``shift-flip`` (plus horizontal flip).
+        amp: mixed precision when training on CUDA.
+        grad_clip: max gradient norm (0 disables).
+        seed: seeds initialisation, data order and augmentation.
+    """
+
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 2.0
+    label_smoothing: float = 0.1
+    augment: str = "shift"
+    amp: bool = True
+    grad_clip: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class TrainResult:
+    epochs: int
+    steps: int
+    seconds: float
+    history: list[dict]
+
+
+def cross_entropy_loss(label_smoothing: float) -> LossFn:
+    def loss_fn(model: nn.Module, images: torch.Tensor, labels: torch.Tensor):
+        logits = model(images)
+        return F.cross_entropy(logits, labels, label_smoothing=label_smoothing), logits
+
+    return loss_fn
+
+
+def augment_batch(images: torch.Tensor, mode: str, generator: torch.Generator) -> torch.Tensor:
+    """Random translation (up to 1/8 of the side) and scale (0.9-1.1) per image; optional h-flip."""
+    if mode == "none":
+        return images
+    if mode not in ("shift", "shift-flip"):
+        raise EdgeVitError(f"unknown augmentation {mode!r} (none, shift, shift-flip)")
+    b = images.shape[0]
+    rand = torch.rand(b, 4, generator=generator)
+    scale = 0.9 + 0.2 * rand[:, 0]
+    sx = scale * torch.where((rand[:, 3] < 0.5) & (mode == "shift-flip"), -1.0, 1.0)
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0], theta[:, 1, 1] = sx, scale
+    theta[:, :, 2] = (rand[:, 1:3] - 0.5) * 0.25
+    grid = F.affine_grid(theta.to(images), list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, padding_mode="border", align_corners=False)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        flat = p.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "reg_token"))
+        (no_decay if flat else decay).append(p)
+    if not decay and not no_decay:
+        raise EdgeVitError("nothing to train: every parameter is frozen")
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def device_for_rank() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def init_distributed() -> tuple[int, int]:
+    """(rank, world size); starts the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(device_for_rank())
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def is_main_process() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _batches(n: int, batch: int, rank: int, world: int, seed: int, epoch: int) -> list[list[int]]:
+    """This rank's share of a seeded permutation, cut into ``batch // world`` sized batches."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+    per_rank = max(1, batch // world)
+    steps = max(1, n // (per_rank * world))
+    return [perm[(s * world + rank) * per_rank:(s * world + rank + 1) * per_rank] for s in range(steps)]
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for a truncated or foreign file
+        raise EdgeVitError(f"cannot resume from {path}: {type(err).__name__}: {str(err)[:120]}") from None
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 256) -> float:
+    """Top-1 accuracy (0..1) of ``model`` on ``dataset``."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for images, labels in DataLoader(dataset, batch_size=batch_size):
+        correct += (model(images.to(device)).argmax(-1).cpu() == labels).sum().item()
+    model.train(was_training)
+    return correct / max(1, len(dataset))
+
+
+def fit(
+        model: nn.Module,
+        train_set: Dataset,
+        cfg: TrainConfig,
+        checkpoint_dir: str | Path,
+        *,
+        loss_fn: LossFn | None = None,
+        val_set: Dataset | None = None,
+        eval_model: Callable[[nn.Module], nn.Module] | None = None,
+        resume: bool = False,
+        description: str = "train",
+) -> TrainResult:
+    """Train ``model`` (in place) on ``train_set``.
+
+    Args:
+        model: the module whose trainable parameters are optimised (frozen ones are left alone).
+        train_set: a dataset of ``(image tensor, label)``.
+        cfg: optimisation settings.
+        checkpoint_dir: where ``checkpoint.pt`` is written after every epoch.
+        loss_fn: ``(model, images, labels) -> (loss, logits)``; default cross-entropy.
+        val_set: evaluated after every epoch for the progress line and history.
+        eval_model: picks the module to evaluate on ``val_set`` (default: ``model``).
+        resume: continue from ``checkpoint.pt`` when one exists.
+        description: label for the progress bar.
+    """
+    rank, world = init_distributed()
+    device = device_for_rank()
+    torch.manual_seed(cfg.seed)
+    model.to(device)
+    loss_fn = loss_fn or cross_entropy_loss(cfg.label_smoothing)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    use_amp = cfg.amp and device.type == "cuda"
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+
+    ckpt_path = Path(checkpoint_dir) / CHECKPOINT
+    epoch, step, history = 0, 0, []
+    if resume and ckpt_path.exists():
+        state = load_checkpoint(ckpt_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        epoch, step, history = state["epoch"], state["step"], state["history"]
+        if is_main_process():
+            console.print(f"[cyan]{description}: resuming after epoch {epoch} (step {step})")
+
+    train_module = model
+    if world > 1:
+        train_module = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    steps_per_epoch = len(_batches(len(train_set), cfg.batch_size, rank, world, cfg.seed, 0))
+    total = steps_per_epoch * cfg.epochs
+    warmup = min(total, round(cfg.warmup_epochs * steps_per_epoch))
+    start = time.perf_counter()
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=console,
+                        disable=not is_main_process(), transient=True)
+    with progress:
+        task = progress.add_task(description, total=total, completed=step, status="")
+        while epoch < cfg.epochs:
+            train_module.train()
+            generator = torch.Generator().manual_seed(cfg.seed * 7919 + epoch * 31 + rank)
+            batches = _batches(len(train_set), cfg.batch_size, rank, world, cfg.seed, epoch)
+            loss_sum, correct, seen = 0.0, 0, 0
+            for images, labels in DataLoader(train_set, batch_sampler=batches):
+                images = augment_batch(images, cfg.augment, generator).to(device, non_blocking=True)
+                labels = labels.to(device, non_blocking=True)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(step, total, warmup, cfg.lr)
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                    loss, logits = loss_fn(train_module, images, labels)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if cfg.grad_clip > 0:
+                    scaler.unscale_(optimizer)
+                    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                step += 1
+                loss_sum += loss.item() * len(labels)
+                correct += (logits.argmax(-1) == labels).sum().item()
+                seen += len(labels)
+                progress.update(task, advance=1, status=f"epoch {epoch + 1}/{cfg.epochs} "
+                                f"loss {loss_sum / seen:.3f} acc {correct / seen:.3f}")
+            epoch += 1
+            record = {"epoch": epoch, "step": step, "loss": loss_sum / seen, "train_top1": correct / seen}
+            if val_set is not None and is_main_process():
+                record["val_top1"] = evaluate(eval_model(model) if eval_model else model, val_set)
+            history.append(record)
+            if is_main_process():
+                _save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                             "epoch": epoch, "step": step, "history": history,
+                                             "config": asdict(cfg)})
+                val = f" val {record['val_top1']:.3f}" if "val_top1" in record else ""
+                console.print(f"{description} epoch {epoch}/{cfg.epochs} loss {record['loss']:.3f} "
+                              f"train {record['train_top1']:.3f}{val}", highlight=False)
+    if world > 1:
+        dist.barrier()
+    return TrainResult(epochs=epoch, steps=step, seconds=time.perf_counter() - start, history=history)

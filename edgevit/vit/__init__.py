@@ -1,0 +1,22 @@
+"""The only code that knows ViT internals: attention, graph surgery, bundles."""
+
+from edgevit.vit.attention import EdgeAttention
+from edgevit.vit.bundle import BundleMeta, DataRef, Preprocessing, load_bundle, read_meta, save_bundle
+from edgevit.vit.model import attention, capture_attention_logits, create_vit
+from edgevit.vit.surgery import SURGERY, apply_surgery, register
+
+__all__ = [
+    "SURGERY",
+    "BundleMeta",
+    "DataRef",
+    "EdgeAttention",
+    "Preprocessing",
+    "apply_surgery",
+    "attention",
+    "capture_attention_logits",
+    "create_vit",
+    "load_bundle",
+    "read_meta",
+    "register",
+    "save_bundle",
+]

@@ -1,0 +1,67 @@
+"""Building timm ViTs with edgevit's attention, and reaching into their blocks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import timm
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+from edgevit.errors import EdgeVitError
+from edgevit.vit.attention import EdgeAttention
+
+
+def create_vit(name: str, **kwargs) -> VisionTransformer:
+    """``timm.create_model(name, **kwargs)`` with :class:`EdgeAttention` in every block, random weights.
+
+    Args:
+        name: a timm ViT architecture, e.g. ``vit_tiny_patch16_224``.
+        **kwargs: overrides of the architecture (img_size, patch_size, embed_dim, depth, num_heads,
+            in_chans, num_classes, global_pool, ...).
+    """
+    if not timm.is_model(name):
+        raise EdgeVitError(f"unknown timm model {name!r} (see timm.list_models('vit_*'))")
+    try:
+        model = timm.create_model(name, pretrained=False, attn_layer=EdgeAttention, **kwargs)
+    except TypeError as err:
+        raise EdgeVitError(f"{name} is not a ViT edgevit can adapt: {err}") from None
+    if not isinstance(model, VisionTransformer):
+        raise EdgeVitError(f"{name} is a {type(model).__name__}, not a timm VisionTransformer")
+    return model
+
+
+def attention(model: VisionTransformer, block: int) -> EdgeAttention:
+    """The attention module of ``block``; an error if that block's attention was removed."""
+    attn = getattr(model.blocks[block], "attn", None)
+    if not isinstance(attn, EdgeAttention):
+        raise ValueError(f"block {block} has no EdgeAttention (skipped or not built by create_vit)")
+    return attn
+
+
+@contextmanager
+def capture_attention_logits(model: VisionTransformer, blocks: Iterable[int]) -> Iterator[dict]:
+    """Record the fp32 attention logits of ``blocks`` during forward passes inside the context.
+
+    Yields a dict ``{block: B x H x N x N tensor}`` that each forward pass overwrites. Other blocks keep
+    the fused path; nothing is kept once the context exits.
+    """
+    layers = {b: attention(model, b) for b in blocks}
+    captured: dict[int, torch.Tensor] = {}
+    handles = []
+    for block, layer in layers.items():
+        def hook(module, args, output, block=block):
+            captured[block] = module.logits
+            module.logits = None
+
+        layer.capture_logits = True
+        handles.append(layer.register_forward_hook(hook))
+    try:
+        yield captured
+    finally:
+        for layer, handle in zip(layers.values(), handles):
+            layer.capture_logits = False
+            layer.logits = None
+            handle.remove()
+        captured.clear()
