@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 
 import click
 
@@ -139,6 +138,3 @@ def train_baseline(data, out, model_name, img_size, patch_size, embed_dim, depth
         cfg=_train_config(epochs, lr, batch_size, seed, data), resume=resume)
     _report_bundle(out, as_json)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

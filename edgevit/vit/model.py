@@ -60,7 +60,7 @@ def capture_attention_logits(model: VisionTransformer, blocks: Iterable[int]) ->
     try:
         yield captured
     finally:
-        for layer, handle in zip(layers.values(), handles):
+        for layer, handle in zip(layers.values(), handles, strict=True):
             layer.capture_logits = False
             layer.logits = None
             handle.remove()

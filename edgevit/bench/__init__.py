@@ -1,0 +1,1 @@
+"""Measurement: backends, latency, accuracy, and the latency-vs-accuracy report."""
