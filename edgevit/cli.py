@@ -79,8 +79,11 @@ def _train_config(epochs: int, lr: float, batch_size: int, seed: int, data: str,
 
 
 def _report_bundle(out: str, as_json: bool) -> None:
+    from edgevit.train import is_main_process
     from edgevit.vit import read_meta
 
+    if not is_main_process():  # under torchrun only rank 0 writes and reports
+        return
     meta = read_meta(out)
     m = meta.metrics
     _emit({"run": out, **m}, as_json,

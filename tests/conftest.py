@@ -32,3 +32,30 @@ def digits_bundle_04(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("bundles") / "base04"
     return train_baseline("digits", out, img_size=16, arch=TINY_ARCH, classes=list("01234"), cfg=TINY_TRAIN)
+
+
+def write_image_folder(root, classes=("bolt", "nut", "washer"), per_class=8, corrupt=True):
+    """A small image folder: mixed RGB/grayscale/RGBA images of different sizes, plus junk files."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(classes):
+        folder = root / name
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            side = int(rng.integers(12, 40))
+            base = np.full((side, side), 40 + 80 * c, dtype=np.uint8) + rng.integers(0, 30, (side, side),
+                                                                                      dtype=np.uint8)
+            mode = ("L", "RGB", "RGBA")[i % 3]
+            image = Image.fromarray(base, "L").convert(mode)
+            image.save(folder / f"{i}.png")
+    if corrupt:
+        (root / classes[0] / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+        (root / classes[0] / "notes.txt").write_text("not an image")
+    return root
+
+
+@pytest.fixture()
+def image_folder(tmp_path):
+    return write_image_folder(tmp_path / "parts")

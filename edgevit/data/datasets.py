@@ -27,7 +27,7 @@ log = logging.getLogger("edgevit")
 
 DIGITS = "digits"
 SPLITS = ("train", "val", "test")
-SPLIT_FRACTIONS = {"train": (0.0, 0.7), "val": (0.7, 0.8), "test": (0.8, 1.0)}
+VAL_FRACTION, TEST_FRACTION = 0.1, 0.2
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 SPLIT_SEED = 0
 
@@ -78,8 +78,8 @@ def digits_images(size: int) -> tuple[torch.Tensor, np.ndarray]:
 
 
 def _split_indices(labels: Sequence[int], split: str) -> list[int]:
-    """Per-class seeded shuffle cut at the split fractions: stratified and stable."""
-    lo, hi = SPLIT_FRACTIONS[split]
+    """Per-class seeded shuffle cut 70/10/20: stratified and stable. Classes of 3+ images give at least
+    one image to each of val and test."""
     by_class: dict[int, list[int]] = {}
     for i, y in enumerate(labels):
         by_class.setdefault(int(y), []).append(i)
@@ -88,7 +88,11 @@ def _split_indices(labels: Sequence[int], split: str) -> list[int]:
     for y in sorted(by_class):
         idx = by_class[y]
         rng.shuffle(idx)
-        chosen += idx[round(lo * len(idx)):round(hi * len(idx))]
+        n = len(idx)
+        n_val, n_test = (max(1, round(VAL_FRACTION * n)), max(1, round(TEST_FRACTION * n))) if n >= 3 else (0, 0)
+        bounds = {"train": (0, n - n_val - n_test), "val": (n - n_val - n_test, n - n_test), "test": (n - n_test, n)}
+        lo, hi = bounds[split]
+        chosen += idx[lo:hi]
     return sorted(chosen)
 
 
@@ -149,6 +153,8 @@ def _scan(root: Path, classes: list[str]) -> tuple[list[Path], list[int]]:
 
 def folder_classes(root: Path) -> list[str]:
     """Class names of an image folder (from ``train/`` when the folder is split)."""
+    if not root.is_dir():
+        raise EdgeVitError(f"data {str(root)!r} is neither 'digits' nor an image folder")
     top = root / "train" if (root / "train").is_dir() else root
     classes = [p.name for p in _class_dirs(top)]
     if not classes:

@@ -35,11 +35,12 @@ def load_init_weights(path: str | Path, model: VisionTransformer) -> list[str]:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:
             raise EdgeVitError(f"--init {path} is not a loadable torch state dict: {str(err)[:120]}") from None
-    if not isinstance(state, dict):
-        raise EdgeVitError(f"--init {path} does not hold a state dict")
-    state = {k.removeprefix("module.").removeprefix("model."): v for k, v in state.items()} if all(
-        isinstance(v, torch.Tensor) for v in state.values()) else state
-    state = checkpoint_filter_fn(state, model)
+    for key in ("model", "state_dict", "model_ema"):  # common training-checkpoint wrappers
+        state = state.get(key, state) if isinstance(state, dict) else state
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise EdgeVitError(f"--init {path} does not hold a state dict of tensors")
+    state = checkpoint_filter_fn({k.removeprefix("module.").removeprefix("model."): v for k, v in state.items()},
+                                 model)
     own = model.state_dict()
     state = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     if not state:

@@ -132,7 +132,10 @@ def init_distributed() -> tuple[int, int]:
 
 
 def is_main_process() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
+    """Rank 0 of a torchrun job (also before the process group starts), or a plain single process."""
+    if dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", 0)) == 0
 
 
 def _batches(n: int, batch: int, rank: int, world: int, seed: int, epoch: int) -> list[list[int]]:

@@ -13,13 +13,15 @@ from torch import nn
 from edgevit import __version__
 from edgevit.data import load_ref
 from edgevit.errors import EdgeVitError
-from edgevit.train.loop import CHECKPOINT, evaluate
+from edgevit.train.loop import CHECKPOINT, evaluate, is_main_process
 from edgevit.vit.bundle import META, BundleMeta
 
 
 def prepare_run_dir(out: str | Path, resume: bool) -> Path:
     """Create ``out`` for a new run, or check it can be resumed. Never overwrites a finished run."""
     out = Path(out)
+    if not is_main_process():  # rank 0 checks and creates; the others only read its checkpoint
+        return out
     if out.exists() and not out.is_dir():
         raise EdgeVitError(f"{out} exists and is not a directory")
     if resume:

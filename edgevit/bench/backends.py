@@ -1,0 +1,335 @@
+"""What ``edgevit profile`` measures: export directories, and the runtimes that execute them.
+
+An artifact is an export directory (``export.json`` + ``bundle/`` + ONNX graphs + optionally
+``engine.plan``; see the export contract) or a plain bundle directory (torch backend only). A backend wraps
+one runtime behind the same four calls, so timing and accuracy code is shared:
+
+- ``torch``: the bundle's graph in PyTorch (fp32; CUDA when available, else CPU);
+- ``ort``: ``export.json``'s ``deploy_onnx`` in ONNX Runtime on CPU;
+- ``trt``: ``engine.plan`` in TensorRT (imported lazily; refused when built for another GPU or TensorRT).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgevit.bench.latency import CudaEventTimer, Timer, WallTimer, ort_session
+from edgevit.errors import EdgeVitError
+from edgevit.vit.bundle import META, WEIGHTS, BundleMeta, read_meta
+
+log = logging.getLogger("edgevit")
+
+BACKENDS = ("torch", "ort", "trt")
+EXPORT_JSON = "export.json"
+ENGINE = "engine.plan"
+ENGINE_JSON = "engine.json"
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """An export directory (or a bare bundle) ready to be measured."""
+
+    path: Path
+    bundle_dir: Path
+    meta: BundleMeta
+    export: dict[str, Any] | None
+
+    @property
+    def method(self) -> str:
+        if self.export and self.export.get("method"):
+            return str(self.export["method"])
+        return str(self.meta.provenance.get("method", "unknown"))
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        if self.export and isinstance(self.export.get("settings"), dict):
+            return self.export["settings"]
+        return dict(self.meta.provenance.get("config", {}))
+
+    @property
+    def deploy_onnx(self) -> Path:
+        if self.export is None:
+            raise EdgeVitError(f"{self.path} is a bundle, not an export directory; run `edgevit export` first "
+                               "or profile it with --backend torch")
+        path = self.path / str(self.export.get("deploy_onnx", "model.onnx"))
+        if not path.is_file():
+            raise EdgeVitError(f"{path} is missing (export.json names it as deploy_onnx)")
+        return path
+
+    @property
+    def profile_precision(self) -> str:
+        return str((self.export or {}).get("profile", {}).get("precision", "fp32"))
+
+
+def open_artifact(path: str | Path) -> Artifact:
+    """Read an export directory or a bundle; every problem is one clear :class:`EdgeVitError`."""
+    path = Path(path)
+    if not path.exists():
+        raise EdgeVitError(f"artifact {path} does not exist")
+    if (path / EXPORT_JSON).is_file():
+        try:
+            export = json.loads((path / EXPORT_JSON).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise EdgeVitError(f"{path / EXPORT_JSON} is not valid JSON: {err}") from None
+        if not isinstance(export, dict) or export.get("schema_version") != 1:
+            raise EdgeVitError(f"{path / EXPORT_JSON}: schema_version must be 1")
+        return Artifact(path, path / "bundle", read_meta(path / "bundle"), export)
+    if (path / META).is_file():
+        return Artifact(path, path, read_meta(path), None)
+    raise EdgeVitError(f"{path} is neither an export directory ({EXPORT_JSON}) nor a bundle ({META})")
+
+
+class Backend(ABC):
+    """One runtime executing one artifact. ``to_native`` runs outside the timed region; ``infer`` is one
+    synchronous inference (its result is ready when the timer reads the clock)."""
+
+    name: str
+    precision: str
+    measured_files: list[Path]
+    timer: type[Timer] = WallTimer
+    uses_cuda: bool = False
+
+    @abstractmethod
+    def to_native(self, x: np.ndarray) -> Any:
+        """Move one input batch to the runtime's device and dtype."""
+
+    @abstractmethod
+    def infer(self, native: Any) -> Any:
+        """Run one inference on a native batch; returns the runtime's output."""
+
+    @abstractmethod
+    def logits(self, output: Any) -> np.ndarray:
+        """The output of :meth:`infer` as a float32 numpy array."""
+
+    def check_batch(self, batch: int) -> None:  # noqa: B027 (most runtimes take any batch)
+        """Raise if this artifact cannot run ``batch`` images at once."""
+
+
+class TorchBackend(Backend):
+    """The bundle's graph in PyTorch fp32 (CUDA when ``device`` says so)."""
+
+    name = "torch"
+    precision = "fp32"
+
+    def __init__(self, artifact: Artifact, threads: int, device: str = "cpu") -> None:
+        import torch
+
+        from edgevit.vit import load_bundle
+
+        torch.set_num_threads(threads)
+        self.device = device
+        self.model = load_bundle(artifact.bundle_dir)[0].to(device)
+        self.measured_files = [artifact.bundle_dir / WEIGHTS]
+        self.uses_cuda = device.startswith("cuda")
+        self.timer = CudaEventTimer if self.uses_cuda else WallTimer
+
+    def to_native(self, x: np.ndarray):
+        import torch
+
+        return torch.from_numpy(x).to(self.device)
+
+    def infer(self, native):
+        import torch
+
+        with torch.inference_mode():
+            return self.model(native)
+
+    def logits(self, output) -> np.ndarray:
+        return output.float().cpu().numpy()
+
+
+class OrtBackend(Backend):
+    """``deploy_onnx`` in ONNX Runtime on CPU with ``threads`` intra-op threads."""
+
+    name = "ort"
+
+    def __init__(self, artifact: Artifact, threads: int) -> None:
+        path = artifact.deploy_onnx
+        self.session = ort_session(path, threads)
+        self.input = self.session.get_inputs()[0]
+        self.precision = onnx_precision(path)
+        self.measured_files = [path]
+
+    def check_batch(self, batch: int) -> None:
+        fixed = self.input.shape[0]
+        if isinstance(fixed, int) and fixed > 0 and fixed != batch:
+            raise EdgeVitError(f"{self.measured_files[0]} has a fixed batch of {fixed}; use --batch {fixed} "
+                               "or export with a dynamic batch")
+
+    def to_native(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        return {self.input.name: x}
+
+    def infer(self, native):
+        return self.session.run(None, native)
+
+    def logits(self, output) -> np.ndarray:
+        return np.asarray(output[0], dtype=np.float32)
+
+
+def onnx_precision(path: Path) -> str:
+    """``int8`` for a Q/DQ graph, ``fp16`` for a half-precision graph, else ``fp32``: read from the graph,
+    not from a file name."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    ops = {node.op_type for node in model.graph.node}
+    if {"QuantizeLinear", "DequantizeLinear"} & ops or {"QLinearMatMul", "MatMulInteger"} & ops:
+        return "int8"
+    if any(init.data_type == onnx.TensorProto.FLOAT16 for init in model.graph.initializer):
+        return "fp16"
+    return "fp32"
+
+
+class TrtBackend(Backend):
+    """``engine.plan`` in TensorRT 10+ (tensor-address API), I/O buffers in torch CUDA memory."""
+
+    name = "trt"
+    uses_cuda = True
+    timer = CudaEventTimer
+
+    def __init__(self, artifact: Artifact) -> None:
+        import torch
+
+        engine_path = artifact.path / ENGINE
+        if not engine_path.is_file():
+            raise EdgeVitError(f"{artifact.path} has no {ENGINE}; run `edgevit build {artifact.path}` on the target")
+        if not torch.cuda.is_available():
+            raise EdgeVitError("the trt backend needs a CUDA GPU; none is visible")
+        trt = import_tensorrt()
+        check_engine(artifact)
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.engine = runtime.deserialize_cuda_engine(engine_path.read_bytes())
+        if self.engine is None:
+            raise EdgeVitError(f"TensorRT could not deserialize {engine_path}")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.input = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
+        self.output = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
+        self.input_dtype = _torch_dtype(self.engine.get_tensor_dtype(self.input))
+        self.output_dtype = _torch_dtype(self.engine.get_tensor_dtype(self.output))
+        self.precision = artifact.profile_precision
+        self.measured_files = [engine_path]
+        self._outputs: dict[int, Any] = {}
+
+    def check_batch(self, batch: int) -> None:
+        lo, _, hi = self.engine.get_tensor_profile_shape(self.input, 0)
+        if not lo[0] <= batch <= hi[0]:
+            raise EdgeVitError(f"the engine's optimisation profile allows batch {lo[0]}..{hi[0]}, not {batch}")
+
+    def to_native(self, x: np.ndarray):
+        import torch
+
+        return torch.from_numpy(x).to("cuda", self.input_dtype).contiguous()
+
+    def infer(self, native):
+        import torch
+
+        batch = native.shape[0]
+        self.context.set_input_shape(self.input, tuple(native.shape))
+        if batch not in self._outputs:
+            shape = tuple(self.context.get_tensor_shape(self.output))
+            self._outputs[batch] = torch.empty(shape, dtype=self.output_dtype, device="cuda")
+        out = self._outputs[batch]
+        self.context.set_tensor_address(self.input, native.data_ptr())
+        self.context.set_tensor_address(self.output, out.data_ptr())
+        if not self.context.execute_async_v3(torch.cuda.current_stream().cuda_stream):
+            raise RuntimeError("TensorRT execute_async_v3 failed")
+        return out
+
+    def logits(self, output) -> np.ndarray:
+        return output.float().cpu().numpy()
+
+
+def import_tensorrt():
+    try:
+        import tensorrt
+    except ImportError:
+        raise EdgeVitError("the trt backend needs TensorRT, which is not installed "
+                           "(pip install 'edgevit[trt]' on a machine with an NVIDIA GPU)") from None
+    return tensorrt
+
+
+def _torch_dtype(trt_dtype):
+    import tensorrt as trt
+    import torch
+
+    return {trt.float32: torch.float32, trt.float16: torch.float16, trt.int8: torch.int8,
+            trt.int32: torch.int32, trt.bfloat16: torch.bfloat16}[trt_dtype]
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_engine(artifact: Artifact) -> None:
+    """Refuse an engine built by another TensorRT, for another GPU, or from another ONNX graph (see
+    :func:`engine_mismatch`); another GPU model of the same architecture only warns."""
+    import tensorrt as trt
+    import torch
+
+    path = artifact.path / ENGINE_JSON
+    if not path.is_file():
+        raise EdgeVitError(f"{path} is missing; rebuild the engine with `edgevit build {artifact.path}`")
+    info = json.loads(path.read_text())
+    gpu = torch.cuda.get_device_name()
+    here = {"trt_version": trt.__version__, "gpu_name": gpu, "onnx_sha256": sha256(artifact.deploy_onnx),
+            "compute_capability": ".".join(map(str, torch.cuda.get_device_capability()))}
+    problem = engine_mismatch(info, here)
+    if problem:
+        raise EdgeVitError(f"{artifact.path / ENGINE} {problem}: rebuild it with `edgevit build` on this machine")
+    if info.get("gpu_name") != gpu:
+        log.warning("engine built on %s, running on %s", info.get("gpu_name"), gpu)
+
+
+def engine_mismatch(built: dict[str, Any], here: dict[str, Any]) -> str | None:
+    """Why an engine described by ``built`` (engine.json: ``trt_version``, ``gpu_name``,
+    ``compute_capability``, ``onnx_sha256``) cannot run ``here``, or ``None``. TensorRT engines are valid
+    only for the TensorRT version and GPU architecture (compute capability) they were built with."""
+    if str(built.get("compute_capability")) != str(here["compute_capability"]):
+        return (f"was built for {built.get('gpu_name')} (compute capability {built.get('compute_capability')}), "
+                f"this GPU is {here['gpu_name']} ({here['compute_capability']})")
+    if str(built.get("trt_version")) != str(here["trt_version"]):
+        return f"was built with TensorRT {built.get('trt_version')}, this machine has {here['trt_version']}"
+    if built.get("onnx_sha256") and built["onnx_sha256"] != here["onnx_sha256"]:
+        return "was built from another ONNX graph than export.json's deploy_onnx"
+    return None
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def open_backend(artifact: Artifact, name: str, threads: int, device: str | None = None) -> Backend:
+    """The backend ``name`` on ``artifact``.
+
+    Args:
+        artifact: what to run.
+        name: ``torch``, ``ort`` or ``trt``.
+        threads: CPU threads (torch intra-op threads / ORT intra-op threads).
+        device: the torch backend's device (default: CUDA when available).
+    """
+    if name == "torch":
+        return TorchBackend(artifact, threads, device or default_device())
+    if name == "ort":
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            raise EdgeVitError("the ort backend needs onnxruntime, which is not installed") from None
+        return OrtBackend(artifact, threads)
+    if name == "trt":
+        return TrtBackend(artifact)
+    raise EdgeVitError(f"unknown backend {name!r} (choose from {', '.join(BACKENDS)})")
