@@ -6,14 +6,13 @@ one runtime behind the same four calls, so timing and accuracy code is shared:
 
 - ``torch``: the bundle's graph in PyTorch (fp32; CUDA when available, else CPU);
 - ``ort``: ``export.json``'s ``deploy_onnx`` in ONNX Runtime on CPU;
-- ``trt``: ``engine.plan`` in TensorRT (imported lazily; refused when built for another GPU or TensorRT).
+- ``trt``: ``engine.plan`` in TensorRT (imported lazily; an engine built for another GPU, TensorRT or graph is
+  refused by :func:`edgevit.export.tensorrt.check_engine_compatible`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +23,6 @@ import numpy as np
 from edgevit.bench.latency import CudaEventTimer, Timer, WallTimer, ort_session
 from edgevit.errors import EdgeVitError
 from edgevit.vit.bundle import META, WEIGHTS, BundleMeta, read_meta
-
-log = logging.getLogger("edgevit")
 
 BACKENDS = ("torch", "ort", "trt")
 EXPORT_JSON = "export.json"
@@ -96,6 +93,8 @@ class Backend(ABC):
     measured_files: list[Path]
     timer: type[Timer] = WallTimer
     uses_cuda: bool = False
+    # Device memory the runtime allocates outside torch's allocator (TensorRT activations), in MB.
+    private_memory_mb: float = 0.0
 
     @abstractmethod
     def to_native(self, x: np.ndarray) -> Any:
@@ -196,19 +195,10 @@ class TrtBackend(Backend):
     timer = CudaEventTimer
 
     def __init__(self, artifact: Artifact) -> None:
-        import torch
+        from edgevit.export.tensorrt import load_engine
 
-        engine_path = artifact.path / ENGINE
-        if not engine_path.is_file():
-            raise EdgeVitError(f"{artifact.path} has no {ENGINE}; run `edgevit build {artifact.path}` on the target")
-        if not torch.cuda.is_available():
-            raise EdgeVitError("the trt backend needs a CUDA GPU; none is visible")
         trt = import_tensorrt()
-        check_engine(artifact)
-        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.engine = runtime.deserialize_cuda_engine(engine_path.read_bytes())
-        if self.engine is None:
-            raise EdgeVitError(f"TensorRT could not deserialize {engine_path}")
+        self.engine = load_engine(artifact.path)  # refuses an engine for another GPU / TensorRT / graph
         self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.input = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
@@ -216,7 +206,9 @@ class TrtBackend(Backend):
         self.input_dtype = _torch_dtype(self.engine.get_tensor_dtype(self.input))
         self.output_dtype = _torch_dtype(self.engine.get_tensor_dtype(self.output))
         self.precision = artifact.profile_precision
-        self.measured_files = [engine_path]
+        self.measured_files = [artifact.path / ENGINE]
+        size = getattr(self.engine, "device_memory_size_v2", None) or self.engine.device_memory_size
+        self.private_memory_mb = size / 2**20
         self._outputs: dict[int, Any] = {}
 
     def check_batch(self, batch: int) -> None:
@@ -265,52 +257,35 @@ def _torch_dtype(trt_dtype):
             trt.int32: torch.int32, trt.bfloat16: torch.bfloat16}[trt_dtype]
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def check_engine(artifact: Artifact) -> None:
-    """Refuse an engine built by another TensorRT, for another GPU, or from another ONNX graph (see
-    :func:`engine_mismatch`); another GPU model of the same architecture only warns."""
-    import tensorrt as trt
-    import torch
-
-    path = artifact.path / ENGINE_JSON
-    if not path.is_file():
-        raise EdgeVitError(f"{path} is missing; rebuild the engine with `edgevit build {artifact.path}`")
-    info = json.loads(path.read_text())
-    gpu = torch.cuda.get_device_name()
-    here = {"trt_version": trt.__version__, "gpu_name": gpu, "onnx_sha256": sha256(artifact.deploy_onnx),
-            "compute_capability": ".".join(map(str, torch.cuda.get_device_capability()))}
-    problem = engine_mismatch(info, here)
-    if problem:
-        raise EdgeVitError(f"{artifact.path / ENGINE} {problem}: rebuild it with `edgevit build` on this machine")
-    if info.get("gpu_name") != gpu:
-        log.warning("engine built on %s, running on %s", info.get("gpu_name"), gpu)
-
-
-def engine_mismatch(built: dict[str, Any], here: dict[str, Any]) -> str | None:
-    """Why an engine described by ``built`` (engine.json: ``trt_version``, ``gpu_name``,
-    ``compute_capability``, ``onnx_sha256``) cannot run ``here``, or ``None``. TensorRT engines are valid
-    only for the TensorRT version and GPU architecture (compute capability) they were built with."""
-    if str(built.get("compute_capability")) != str(here["compute_capability"]):
-        return (f"was built for {built.get('gpu_name')} (compute capability {built.get('compute_capability')}), "
-                f"this GPU is {here['gpu_name']} ({here['compute_capability']})")
-    if str(built.get("trt_version")) != str(here["trt_version"]):
-        return f"was built with TensorRT {built.get('trt_version')}, this machine has {here['trt_version']}"
-    if built.get("onnx_sha256") and built["onnx_sha256"] != here["onnx_sha256"]:
-        return "was built from another ONNX graph than export.json's deploy_onnx"
-    return None
-
-
 def default_device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_backend(artifact: Artifact, name: str) -> None:
+    """Everything that would stop backend ``name`` from running ``artifact``, checked before any time is
+    spent measuring: the backend exists and is installed, its file is there, an engine fits this machine."""
+    if name not in BACKENDS:
+        raise EdgeVitError(f"unknown backend {name!r} (choose from {', '.join(BACKENDS)})")
+    if name == "ort":
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            raise EdgeVitError("the ort backend needs onnxruntime, which is not installed") from None
+        artifact.deploy_onnx  # noqa: B018 (raises when missing)
+    if name == "trt":
+        import torch
+
+        from edgevit.export.tensorrt import check_engine_compatible
+
+        engine_path = artifact.path / ENGINE
+        if not engine_path.is_file():
+            raise EdgeVitError(f"{artifact.path} has no {ENGINE}; run `edgevit build {artifact.path}` on the target")
+        import_tensorrt()
+        if not torch.cuda.is_available():
+            raise EdgeVitError("the trt backend needs a CUDA GPU; none is visible")
+        check_engine_compatible(artifact.path / ENGINE_JSON)
 
 
 def open_backend(artifact: Artifact, name: str, threads: int, device: str | None = None) -> Backend:
@@ -322,14 +297,9 @@ def open_backend(artifact: Artifact, name: str, threads: int, device: str | None
         threads: CPU threads (torch intra-op threads / ORT intra-op threads).
         device: the torch backend's device (default: CUDA when available).
     """
+    check_backend(artifact, name)
     if name == "torch":
         return TorchBackend(artifact, threads, device or default_device())
     if name == "ort":
-        try:
-            import onnxruntime  # noqa: F401
-        except ImportError:
-            raise EdgeVitError("the ort backend needs onnxruntime, which is not installed") from None
         return OrtBackend(artifact, threads)
-    if name == "trt":
-        return TrtBackend(artifact)
-    raise EdgeVitError(f"unknown backend {name!r} (choose from {', '.join(BACKENDS)})")
+    return TrtBackend(artifact)

@@ -114,13 +114,14 @@ class CudaEventTimer(Timer):
         return self.start.elapsed_time(self.end)
 
 
-def ort_session(path: str | Path, threads: int, optimization: str = "all"):
+def ort_session(path: str | Path, threads: int, optimization: str = "all", config: dict[str, str] | None = None):
     """An ONNX Runtime CPU session pinned to ``threads`` intra-op threads, sequential execution.
 
     Args:
         path: the ONNX file.
         threads: intra-op threads (the only parallelism; inter-op is 1 so the count is what it says).
         optimization: graph optimisation level: ``disable``, ``basic``, ``extended`` or ``all``.
+        config: session config entries, e.g. ``{"session.intra_op.allow_spinning": "0"}``.
     """
     import onnxruntime as ort
 
@@ -134,11 +135,13 @@ def ort_session(path: str | Path, threads: int, optimization: str = "all"):
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = levels[optimization]
     opts.log_severity_level = 3
+    for key, value in (config or {}).items():
+        opts.add_session_config_entry(key, value)
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
 def time_onnx(path: str | Path, inputs: Sequence[np.ndarray], threads: int, cfg: TimingConfig = TimingConfig(),
-              optimization: str = "all") -> Latency:
+              optimization: str = "all", config: dict[str, str] | None = None) -> Latency:
     """Latency of an ONNX graph in ONNX Runtime (CPU) on a rotation of ``inputs``.
 
     Args:
@@ -147,8 +150,9 @@ def time_onnx(path: str | Path, inputs: Sequence[np.ndarray], threads: int, cfg:
         threads: intra-op threads.
         cfg: warm-up and iterations.
         optimization: ORT graph optimisation level.
+        config: ORT session config entries.
     """
-    session = ort_session(path, threads, optimization)
+    session = ort_session(path, threads, optimization, config)
     name = session.get_inputs()[0].name
     feeds = [{name: x} for x in inputs]
     return time_loop(lambda i: session.run(None, feeds[i % len(feeds)]), cfg)

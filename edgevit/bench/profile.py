@@ -12,13 +12,14 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from edgevit.bench.accuracy import backend_top1, split_arrays
-from edgevit.bench.backends import BACKENDS, Artifact, default_device, open_artifact, open_backend
+from edgevit.bench.backends import BACKENDS, Artifact, check_backend, default_device, open_artifact, open_backend
 from edgevit.bench.flops import count_params, gflops_per_image
 from edgevit.bench.latency import TimingConfig, rotation_inputs, time_loop
 from edgevit.bench.schema import ResultRow, machine_info
@@ -53,8 +54,9 @@ class ProfileConfig:
 
 
 class PeakMemory:
-    """Peak memory of what runs inside the context, in MB: CUDA max allocated on GPU; on CPU the peak
-    resident set (VmHWM, reset on entry through ``/proc/self/clear_refs``) minus the resident set on entry."""
+    """Peak memory of what runs inside the context, in MB: CUDA max allocated on GPU (torch's allocator;
+    backends add what their runtime allocates privately); on CPU the peak resident set (VmHWM, reset on entry
+    through ``/proc/self/clear_refs``) minus the resident set on entry."""
 
     def __init__(self, cuda: bool) -> None:
         self.cuda = cuda
@@ -110,6 +112,14 @@ def default_label(artifact: Artifact) -> str:
     return path.parent.name if profile and path.name == profile else path.name
 
 
+def artifact_fields(artifact: Artifact) -> dict[str, Any]:
+    """Row fields that depend on the artifact only: method, settings, parameters and GFLOPs per image
+    (counted on the bundle's graph)."""
+    model, meta = load_bundle(artifact.bundle_dir)
+    return {"method": artifact.method, "settings": artifact.settings, "params": count_params(model),
+            "gflops": round(gflops_per_image(model, meta), 4)}
+
+
 def profile_artifacts(paths: Sequence[str | Path], cfg: ProfileConfig, labels: Sequence[str] | None = None,
                       show_progress: bool = True) -> list[ResultRow]:
     """Measure every artifact at every batch size with ``cfg.backend``.
@@ -126,19 +136,20 @@ def profile_artifacts(paths: Sequence[str | Path], cfg: ProfileConfig, labels: S
         raise EdgeVitError(f"{len(labels)} labels for {len(paths)} artifacts")
     if any(b < 1 for b in cfg.batches) or cfg.threads < 1:
         raise EdgeVitError("--batch and --threads must be positive")
-    artifacts = [open_artifact(p) for p in paths]  # all problems before any time is spent
-    device = (cfg.device or default_device()) if cfg.backend == "torch" else ("cuda" if cfg.backend == "trt"
-                                                                             else "cpu")
+    artifacts = [open_artifact(p) for p in paths]
+    for artifact in artifacts:  # every problem before any time is spent measuring
+        check_backend(artifact, cfg.backend)
+    device = {"torch": cfg.device or default_device(), "trt": "cuda"}.get(cfg.backend, "cpu")
     machine = machine_info(cfg.threads)
+    machine["device"] = machine.get("gpu") if device.startswith("cuda") else machine["cpu"]
     rows = []
     progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), console=Console(stderr=True), disable=not show_progress,
                         transient=True)
     with progress:
         for i, artifact in enumerate(artifacts):
-            model, meta = load_bundle(artifact.bundle_dir)
-            static = {"params": count_params(model), "gflops": round(gflops_per_image(model, meta), 4)}
-            del model
+            static = artifact_fields(artifact)
+            meta = artifact.meta
             data = split_arrays(load_ref(meta.data, ACCURACY_SPLIT, meta.preprocessing)) if cfg.accuracy else None
             label = labels[i] if labels else default_label(artifact)
             for batch in cfg.batches:
@@ -161,9 +172,10 @@ def profile_one(artifact: Artifact, cfg: ProfileConfig, batch: int, device: str,
                             on_step=on_step)
         top1 = backend_top1(backend, *data, batch) if data is not None else None
     size = sum(f.stat().st_size for f in backend.measured_files)
+    peak = round(memory.peak_mb + backend.private_memory_mb, 2) if memory.peak_mb is not None else None
     return ResultRow(
         artifact=str(artifact.path), method=artifact.method, settings=artifact.settings, backend=backend.name,
         precision=backend.precision, batch=batch, threads=cfg.threads, latency_ms=latency,
-        throughput_ips=round(batch * 1e3 / latency.mean, 3), peak_memory_mb=memory.peak_mb,
+        throughput_ips=round(batch * 1e3 / latency.mean, 3), peak_memory_mb=peak,
         top1=round(top1, 5) if top1 is not None else None, top1_split=ACCURACY_SPLIT if data is not None else None,
         artifact_mb=round(size / 1e6, 3))

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from edgevit.errors import EdgeVitError
@@ -67,11 +67,19 @@ class MlpOnlyBlock(nn.Module):
 
 @register("skip_attention")
 def skip_attention(model: VisionTransformer, blocks: Sequence[int]) -> None:
-    """Remove the attention sub-layer (norm1, qkv, proj, ls1) of each listed block."""
+    """Remove the attention sub-layer (norm1, qkv, proj, ls1) of each listed block.
+
+    Only timm's pre-norm ``Block`` is accepted: other block types (post-norm ``ResPostBlock``, parallel
+    blocks) compute something else, and rebuilding them as :class:`MlpOnlyBlock` would silently change
+    the function of their MLP side.
+    """
     for b in blocks:
+        b = range(len(model.blocks))[b]  # IndexError when out of range; -1 and depth-1 are the same block
         block = model.blocks[b]
         if isinstance(block, MlpOnlyBlock):
             raise ValueError(f"block {b} has no attention left to skip")
+        if not isinstance(block, Block):
+            raise ValueError(f"block {b} is a {type(block).__name__}, not a pre-norm timm Block")
         model.blocks[b] = MlpOnlyBlock(block)
 
 

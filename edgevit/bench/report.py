@@ -1,0 +1,259 @@
+"""``edgevit report``: results.jsonl -> report.md (tables), pareto.png (latency vs accuracy), report.json.
+
+Rows are compared only within a *setting*: the same machine, backend, precision and batch. In each
+setting the baseline (``--baseline-label``, else the row whose method is ``baseline``) gives every other
+row its speed-up (baseline p50 / row p50) and accuracy change (row top-1 - baseline top-1, points).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from edgevit.bench.schema import ResultRow
+from edgevit.errors import EdgeVitError
+from edgevit.vit.bundle import atomic_write_bytes, atomic_write_json
+
+METHOD_ORDER = ("baseline", "transfer", "skip", "continual", "memory", "prompts")
+# Colour-blind-safe (Okabe-Ito), one per method, fixed so a method keeps its colour across reports.
+METHOD_COLOURS = {"baseline": "#000000", "transfer": "#0072B2", "skip": "#E69F00", "continual": "#009E73",
+                  "memory": "#CC79A7", "prompts": "#D55E00"}
+OTHER_COLOURS = ("#56B4E9", "#F0E442", "#7F7F7F", "#8C564B")
+
+
+@dataclass(frozen=True)
+class Setting:
+    machine: str
+    backend: str
+    precision: str
+    batch: int
+    threads: int | None = None
+
+    def title(self) -> str:
+        threads = f", {self.threads} CPU thread{'s' if self.threads > 1 else ''}" if self.threads else ""
+        return f"{self.backend} {self.precision}, batch {self.batch}{threads}"
+
+
+@dataclass
+class Entry:
+    """One row of a setting's table."""
+
+    label: str
+    method: str
+    top1: float | None
+    p50_ms: float | None
+    p99_ms: float | None
+    throughput_ips: float | None
+    gflops: float | None
+    params: int | None
+    artifact_mb: float | None
+    peak_memory_mb: float | None
+    energy_mj_per_image: float | None
+    speedup: float | None = None
+    delta_top1_pp: float | None = None
+    pareto: bool = False
+    baseline: bool = False
+
+
+def machine_name(row: ResultRow) -> str:
+    m = row.machine
+    return str(m.get("device") or m.get("gpu") or m.get("cpu") or "unknown machine")
+
+
+def row_label(row: ResultRow) -> str:
+    return row.label or row.method
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[bool]:
+    """For (latency, accuracy) points: ``True`` where no other point is at least as fast and as accurate
+    and strictly better in one of the two."""
+    return [not any(lx <= x and ay >= y and (lx < x or ay > y) for lx, ay in points) for x, y in points]
+
+
+def group_rows(rows: Sequence[ResultRow]) -> dict[Setting, list[ResultRow]]:
+    groups: dict[Setting, list[ResultRow]] = {}
+    for row in rows:
+        key = Setting(machine_name(row), row.backend, row.precision, row.batch, row.threads)
+        groups.setdefault(key, []).append(row)
+    return dict(sorted(groups.items(), key=lambda kv: (kv[0].machine, kv[0].backend, kv[0].precision,
+                                                       kv[0].batch, kv[0].threads or 0)))
+
+
+def _find_baseline(rows: Sequence[ResultRow], baseline_label: str | None) -> ResultRow | None:
+    if baseline_label:
+        return next((r for r in rows if row_label(r) == baseline_label), None)
+    return next((r for r in rows if r.method == "baseline"), None)
+
+
+def setting_entries(rows: Sequence[ResultRow], baseline_label: str | None = None) -> list[Entry]:
+    """The table of one setting, sorted by p50, with speed-up, accuracy change and Pareto membership."""
+    base = _find_baseline(rows, baseline_label)
+    entries = []
+    for row in rows:
+        lat = row.latency_ms
+        entry = Entry(label=row_label(row), method=row.method, top1=row.top1, p50_ms=lat.p50 if lat else None,
+                      p99_ms=lat.p99 if lat else None, throughput_ips=row.throughput_ips, gflops=row.gflops,
+                      params=row.params, artifact_mb=row.artifact_mb, peak_memory_mb=row.peak_memory_mb,
+                      energy_mj_per_image=row.energy_mj_per_image, baseline=row is base)
+        if base is not None and base.latency_ms and lat:
+            entry.speedup = round(base.latency_ms.p50 / lat.p50, 3)
+        if base is not None and base.top1 is not None and row.top1 is not None:
+            entry.delta_top1_pp = round(100 * (row.top1 - base.top1), 2)
+        entries.append(entry)
+    plotted = [e for e in entries if e.top1 is not None and e.p50_ms is not None]
+    for e, front in zip(plotted, pareto_front([(e.p50_ms, e.top1) for e in plotted]), strict=True):
+        e.pareto = front
+    return sorted(entries, key=lambda e: (e.p50_ms is None, e.p50_ms or 0.0))
+
+
+def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:{spec}}{suffix}"
+
+
+def markdown(tables: dict[Setting, list[Entry]], source: str) -> str:
+    """The report as Markdown: one table per setting, grouped by machine."""
+    lines = ["# edgevit latency vs accuracy", "",
+             f"Source: `{source}`. Speed-up = baseline p50 / p50 and Δ top-1 = top-1 - baseline top-1, within "
+             "the same machine, backend, precision, batch and threads. ★ = on the Pareto front (no other row is both "
+             "faster and more accurate). Latency is per batch; top-1 on the bundle's test split through the "
+             "same backend and precision.", ""]
+    machine = None
+    for setting, entries in tables.items():
+        if setting.machine != machine:
+            machine = setting.machine
+            lines += [f"## {machine}", ""]
+        lines += [f"### {setting.title()}", "",
+                  "| | label | method | top-1 | Δ top-1 (pp) | p50 (ms) | p99 (ms) | speed-up | img/s | GFLOPs/img "
+                  "| params (M) | size (MB) | peak mem (MB) | energy (mJ/img) |",
+                  "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for e in entries:
+            mark = "★" if e.pareto else ""
+            label = f"**{e.label}** (baseline)" if e.baseline else e.label
+            lines.append(
+                f"| {mark} | {label} | {e.method} | {_fmt(e.top1 and 100 * e.top1, '.2f', '%')} "
+                f"| {_fmt(e.delta_top1_pp, '+.2f')} | {_fmt(e.p50_ms, '.3f')} | {_fmt(e.p99_ms, '.3f')} "
+                f"| {_fmt(e.speedup, '.2f', '×')} | {_fmt(e.throughput_ips, '.1f')} | {_fmt(e.gflops, '.3f')} "
+                f"| {_fmt(e.params and e.params / 1e6, '.3f')} | {_fmt(e.artifact_mb, '.2f')} "
+                f"| {_fmt(e.peak_memory_mb, '.1f')} | {_fmt(e.energy_mj_per_image, '.2f')} |")
+        if not any(e.baseline for e in entries):
+            lines.append("\n_No baseline row in this setting: speed-up and Δ top-1 are not computed._")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def method_colour(method: str, others: list[str]) -> str:
+    if method in METHOD_COLOURS:
+        return METHOD_COLOURS[method]
+    if method not in others:
+        others.append(method)
+    return OTHER_COLOURS[others.index(method) % len(OTHER_COLOURS)]
+
+
+def pareto_png(tables: dict[Setting, list[Entry]], path: Path) -> bool:
+    """Latency (x) vs top-1 (y), one panel per setting with accuracy, one colour per method, the Pareto
+    front drawn as a staircase. Returns ``False`` (and writes nothing) when no row has both numbers."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    panels = {s: [e for e in es if e.top1 is not None and e.p50_ms is not None] for s, es in tables.items()}
+    panels = {s: es for s, es in panels.items() if es}
+    if not panels:
+        return False
+    cols = min(2, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(7.2 * cols, 5.4 * rows), squeeze=False)
+    machines = sorted({s.machine for s in panels})
+    others: list[str] = []
+    methods_seen: list[str] = []
+    for ax, (setting, entries) in zip(axes.flat, panels.items(), strict=False):
+        _draw_panel(ax, setting, entries, len(machines) > 1, others, methods_seen)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    ordered = sorted(methods_seen, key=lambda m: (METHOD_ORDER.index(m) if m in METHOD_ORDER else 99, m))
+    handles = [Line2D([], [], marker="D" if m == "baseline" else "o", linestyle="", markersize=9,
+                      color=method_colour(m, others), label=m) for m in ordered]
+    handles.append(Line2D([], [], color="#444444", linewidth=2, label="Pareto front"))
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 7), frameon=False, fontsize=11,
+               bbox_to_anchor=(0.5, 0.0))
+    title = "Latency vs accuracy" + (f" on {machines[0]}" if len(machines) == 1 else "")
+    fig.suptitle(title, fontsize=15, fontweight="bold")
+    height = fig.get_figheight()  # legend and title take fixed inches, whatever the number of panels
+    fig.tight_layout(rect=(0, 0.45 / height, 1, 1 - 0.35 / height))
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=160)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+    return True
+
+
+def _draw_panel(ax, setting: Setting, entries: list[Entry], name_machine: bool, others: list[str],
+                methods_seen: list[str]) -> None:
+    for e in entries:
+        colour = method_colour(e.method, others)
+        if e.method not in methods_seen:
+            methods_seen.append(e.method)
+        ax.scatter(e.p50_ms, 100 * e.top1, s=110 if e.pareto else 60, color=colour, alpha=1.0 if e.pareto else 0.5,
+                   edgecolors="black" if e.pareto else "none", linewidths=1.2, zorder=3,
+                   marker="D" if e.baseline else "o")
+        ax.annotate(e.label, (e.p50_ms, 100 * e.top1), textcoords="offset points", xytext=(7, 5), fontsize=9,
+                    color="#222222" if e.pareto else "#777777")
+    front = sorted((e.p50_ms, 100 * e.top1) for e in entries if e.pareto)
+    xs, ys = zip(*front, strict=True)
+    ax.step(xs, ys, where="post", color="#444444", linewidth=2, alpha=0.8, zorder=2)
+    base = next((e for e in entries if e.baseline), None)
+    if base is not None:
+        ax.axhline(100 * base.top1, color="#999999", linestyle=":", linewidth=1, zorder=1)
+        ax.axvline(base.p50_ms, color="#999999", linestyle=":", linewidth=1, zorder=1)
+    latencies = [e.p50_ms for e in entries]
+    if max(latencies) / max(min(latencies), 1e-9) > 20:
+        ax.set_xscale("log")
+    per = "ms" if setting.batch == 1 else f"ms per batch of {setting.batch}"
+    ax.set_xlabel(f"p50 latency ({per})  ← faster", fontsize=12)
+    ax.set_ylabel("top-1 on test split (%)  more accurate →", fontsize=12)
+    ax.set_title(setting.title() + (f"\n{setting.machine}" if name_machine else ""), fontsize=12)
+    ax.grid(True, alpha=0.3)
+    ax.margins(x=0.15, y=0.12)
+    ax.tick_params(labelsize=10)
+
+
+def build_report(results: str | Path, out_dir: str | Path, baseline_label: str | None = None) -> dict:
+    """Write report.md, pareto.png and report.json for ``results`` into ``out_dir``; returns report.json's
+    content.
+
+    Args:
+        results: a results.jsonl file (:class:`ResultRow` lines).
+        out_dir: the report directory (created).
+        baseline_label: the label of the reference row in each setting (default: the ``baseline`` method).
+    """
+    from pydantic import ValidationError
+
+    results = Path(results)
+    if not results.is_file():
+        raise EdgeVitError(f"results file {results} does not exist")
+    try:
+        from edgevit.bench.schema import read_rows
+
+        rows = read_rows(results)
+    except (ValidationError, json.JSONDecodeError) as err:
+        raise EdgeVitError(f"{results} is not a results.jsonl of result rows: {str(err).splitlines()[0]}") from None
+    if not rows:
+        raise EdgeVitError(f"{results} has no rows")
+    if baseline_label and not any(row_label(r) == baseline_label for r in rows):
+        raise EdgeVitError(f"no row has label {baseline_label!r} (labels: {sorted({row_label(r) for r in rows})})")
+    tables = {s: setting_entries(rs, baseline_label) for s, rs in group_rows(rows).items()}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / "report.md", markdown(tables, str(results)).encode())
+    plotted = pareto_png(tables, out / "pareto.png")
+    report = {"source": str(results), "baseline_label": baseline_label, "pareto_png": plotted,
+              "settings": [{**asdict(s), "rows": [asdict(e) for e in es]} for s, es in tables.items()]}
+    atomic_write_json(out / "report.json", report)
+    return report

@@ -1,0 +1,116 @@
+"""Checks every export must pass: graph fits its target, ONNX agrees with torch on real images."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from edgevit.errors import EdgeVitError
+from edgevit.export.profiles import Parity
+
+STANDARD_DOMAINS = ("", "ai.onnx")
+# What a LayerNormalization looks like once an exporter decomposes it; none of it may appear next to a
+# missing LayerNormalization node.
+DECOMPOSED_NORM_OPS = ("ReduceMean",)
+
+
+def check_standard_ops(graph: onnx.ModelProto, where: str) -> None:
+    """TensorRT targets: every node is a standard ONNX op (no ``com.microsoft`` or other contrib domain)."""
+    foreign = sorted({f"{n.domain}::{n.op_type}" for n in graph.graph.node if n.domain not in STANDARD_DOMAINS})
+    if foreign:
+        raise EdgeVitError(f"{where} has non-standard ops TensorRT cannot parse: {', '.join(foreign)}")
+
+
+def opset_of(graph: onnx.ModelProto) -> int:
+    return next(o.version for o in graph.opset_import if o.domain in STANDARD_DOMAINS)
+
+
+def check_layernorm(graph: onnx.ModelProto, model: nn.Module, where: str) -> int:
+    """Each ``nn.LayerNorm`` of ``model`` is one ``LayerNormalization`` node (needs opset 17+). Returns the
+    count."""
+    expected = sum(isinstance(m, nn.LayerNorm) for m in model.modules())
+    ops = [n.op_type for n in graph.graph.node]
+    found = ops.count("LayerNormalization")
+    if opset_of(graph) < 17 or found != expected or any(op in ops for op in DECOMPOSED_NORM_OPS):
+        raise EdgeVitError(f"{where}: expected {expected} LayerNormalization nodes at opset >= 17, found {found} "
+                           f"at opset {opset_of(graph)} (LayerNorm was decomposed)")
+    return found
+
+
+def check_qdq_placement(graph: onnx.ModelProto, quantized_ops: Iterable[str], where: str) -> dict[str, int]:
+    """Explicit-quantization graphs for TensorRT: every DequantizeLinear feeds only ``quantized_ops``
+    (MatMul/Gemm), so LayerNorm, Softmax and residual adds run in high precision. Returns Q/DQ counts."""
+    allowed = set(quantized_ops)
+    consumers: dict[str, list[str]] = {}
+    for node in graph.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node.op_type)
+    dq = [n for n in graph.graph.node if n.op_type == "DequantizeLinear"]
+    if not dq:
+        raise EdgeVitError(f"{where} has no DequantizeLinear nodes: it is not an explicit-quantization graph")
+    wrong = sorted({op for n in dq for op in consumers.get(n.output[0], []) if op not in allowed})
+    if wrong:
+        raise EdgeVitError(f"{where}: Q/DQ feeds {', '.join(wrong)}, which must stay in high precision")
+    q = sum(n.op_type == "QuantizeLinear" for n in graph.graph.node)
+    return {"QuantizeLinear": q, "DequantizeLinear": len(dq)}
+
+
+def compare(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
+    """Max abs diff, mean cosine similarity of the logit rows and top-1 agreement of two logit arrays."""
+    ref, cand = reference.astype(np.float64), candidate.astype(np.float64)
+    norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1)
+    cosine = np.sum(ref * cand, axis=1) / np.maximum(norms, 1e-12)
+    return {"max_abs_diff": float(np.abs(ref - cand).max()), "cosine": float(cosine.min()),
+            "top1_agreement": float(np.mean(ref.argmax(1) == cand.argmax(1)))}
+
+
+def run_onnx(path: Path, images: np.ndarray, batch: int, threads: int = 1) -> np.ndarray:
+    """Logits of an ONNX graph on ``images`` in ONNX Runtime (CPU), ``batch`` images per run."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    fixed = session.get_inputs()[0].shape[0]
+    step = fixed if isinstance(fixed, int) and fixed > 0 else batch
+    outs = []
+    for i in range(0, len(images), step):
+        chunk = images[i:i + step]
+        pad = step - len(chunk) if isinstance(fixed, int) and fixed > 0 else 0
+        if pad:  # a static-batch graph: pad the last chunk, drop the padding's logits
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
+        outs.append(session.run(None, {name: chunk})[0][:len(chunk) - pad])
+    return np.concatenate(outs).astype(np.float32)
+
+
+def run_torch(model: nn.Module, images: np.ndarray, batch: int = 64) -> np.ndarray:
+    with torch.inference_mode():
+        return torch.cat([model(torch.from_numpy(images[i:i + batch])) for i in range(0, len(images), batch)]
+                         ).float().numpy()
+
+
+def parity(model: nn.Module, path: Path, images: np.ndarray, tol: Parity, batch: int) -> dict[str, Any]:
+    """torch vs ONNX Runtime on ``images``: the numbers, the tolerances and whether they pass."""
+    result = compare(run_torch(model, images), run_onnx(path, images, batch))
+    passed = (result["max_abs_diff"] <= tol.max_abs_diff and result["cosine"] >= tol.min_cosine
+              and result["top1_agreement"] >= tol.min_top1_agreement)
+    tolerances = {"max_abs_diff": tol.max_abs_diff, "min_cosine": tol.min_cosine,
+                  "min_top1_agreement": tol.min_top1_agreement}
+    return {"images": len(images), "split": tol.split, **result, "tolerances": tolerances, "passed": passed}
+
+
+def parity_error(result: dict[str, Any]) -> str:
+    t = result["tolerances"]
+    return (f"parity check failed on {result['images']} {result['split']} images: max abs diff "
+            f"{result['max_abs_diff']:.3g} (tolerance {t['max_abs_diff']:.3g}), cosine {result['cosine']:.6f} "
+            f"(min {t['min_cosine']}), top-1 agreement {result['top1_agreement']:.4f} "
+            f"(min {t['min_top1_agreement']})")

@@ -1,0 +1,180 @@
+"""``export_bundle``: a bundle -> an export directory for one profile.
+
+It writes the directory (see the export contract) atomically: everything
+is built in a hidden temporary directory next to OUT and renamed at the end, so a failed or killed export
+leaves no OUT. It reads bundles only (``edgevit.vit``), never ``edgevit.methods``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+from edgevit.errors import EdgeVitError
+from edgevit.export import checks, quantize
+from edgevit.export import onnx as onnx_export
+from edgevit.export.profiles import Profile, load_profile
+from edgevit.export.tensorrt import FP16_ONNX, build_plan, sha256
+from edgevit.export.trtexec import SCRIPT, build_script
+from edgevit.vit.bundle import META, WEIGHTS, atomic_write_json, load_bundle, read_meta
+
+log = logging.getLogger("edgevit")
+
+SCHEMA_VERSION = 1
+FP32_ONNX, INT8_ONNX, EXPORT_JSON = "model.onnx", "model.int8.onnx", "export.json"
+FP16_KEEP_FP32 = ["LayerNormalization", "Softmax"]
+
+
+def _versions() -> dict[str, str | None]:
+    found: dict[str, str | None] = {}
+    for package in ("edgevit", "torch", "timm", "onnx", "onnxruntime", "onnxslim", "nvidia-modelopt"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = None
+    return found
+
+
+def _prepare_out(out: Path) -> Path:
+    """A fresh temporary directory next to ``out`` (which must not exist yet, or be empty)."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise EdgeVitError(f"{out} already exists; remove it or choose another -o")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+
+
+def export_bundle(run: str | Path, profile: str | Profile, out: str | Path) -> dict[str, Any]:
+    """Export the bundle in ``run`` for ``profile`` into the export directory ``out``; returns export.json.
+
+    Args:
+        run: a bundle directory (a run directory holds its bundle at its top level).
+        profile: a profile name, a path to a profile YAML, or a validated :class:`Profile`.
+        out: the export directory to create; it must not exist (or be empty).
+    """
+    profile = profile if isinstance(profile, Profile) else load_profile(str(profile))
+    run, out = Path(run), Path(out)
+    meta = read_meta(run)  # fails early and clearly on a non-bundle
+    cal_images = cal_info = None
+    if profile.precision == "int8" and profile.int8.quantizer != "dynamic":
+        cal_images, cal_info = quantize.calibration_images(profile.calibration, meta)
+    tmp = _prepare_out(out)
+    try:
+        export = _export_into(tmp, run, meta, profile, cal_images, cal_info)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return export
+
+
+def _export_into(tmp: Path, run: Path, meta, profile: Profile, cal_images: np.ndarray | None,
+                 cal_info: dict[str, Any] | None) -> dict[str, Any]:
+    (tmp / "bundle").mkdir()
+    for name in (WEIGHTS, META):
+        shutil.copy2(run / name, tmp / "bundle" / name)
+    model, meta = load_bundle(tmp / "bundle")
+    batch = profile.batch_spec
+    tol = profile.parity
+    images, _ = quantize.split_arrays(meta, tol.split, limit=tol.images)
+    if len(images) < tol.images:
+        log.warning("the %s split has only %d images; parity runs on those", tol.split, len(images))
+    pre = meta.preprocessing
+    dims = [pre.channels, pre.size, pre.size]
+
+    raw = tmp / "raw.onnx"
+    onnx_export.export_onnx(model, raw, torch.from_numpy(images[:1]), batch, profile.opset, profile.exporter)
+    slim = onnx_export.simplify(raw, tmp / FP32_ONNX)
+    raw.unlink()
+    graph = onnx.load(str(tmp / FP32_ONNX))
+    layer_norms = checks.check_layernorm(graph, model, FP32_ONNX)
+    graph_info: dict[str, Any] = {**slim, "layer_norms": layer_norms, "opset": checks.opset_of(graph)}
+    if profile.runtime == "tensorrt":
+        checks.check_standard_ops(graph, FP32_ONNX)
+    elif profile.ort_fusions == "transformers":
+        fused = onnx_export.transformer_fusions(tmp / FP32_ONNX, tmp / "fused.onnx", _heads(model), model.embed_dim)
+        os.replace(tmp / "fused.onnx", tmp / FP32_ONNX)
+        graph_info["transformer_fusions"] = fused
+
+    result = checks.parity(model, tmp / FP32_ONNX, images, tol, batch.opt if batch.dynamic else batch.max)
+    if not result["passed"]:
+        raise EdgeVitError(checks.parity_error(result))
+
+    deploy = FP32_ONNX
+    int8_info = None
+    if profile.precision == "int8":
+        int8_info = _quantize(tmp, meta, profile, cal_images, cal_info)
+        deploy = INT8_ONNX
+    if profile.runtime == "tensorrt" and profile.precision == "fp16":
+        onnx_export.to_fp16(tmp / FP32_ONNX, tmp / FP16_ONNX, FP16_KEEP_FP32)
+        checks.check_standard_ops(onnx.load(str(tmp / FP16_ONNX)), FP16_ONNX)
+    if profile.runtime == "onnxruntime" and profile.ort_fusions == "session":
+        graph_info["ort_session_fusions"] = onnx_export.session_fusions(tmp / deploy)
+    if profile.runtime == "tensorrt":
+        plans = {major: build_plan(profile, deploy, f"{major}.0") for major in (10, 11)}
+        (tmp / SCRIPT).write_text(build_script(profile, plans, onnx_export.INPUT, dims))
+        (tmp / SCRIPT).chmod(0o755)
+
+    batch_dim = -1 if batch.dynamic else batch.max
+    export = {
+        "schema_version": SCHEMA_VERSION,
+        "profile": profile.model_dump(mode="json"),
+        "deploy_onnx": deploy,
+        "input": {"name": onnx_export.INPUT, "shape": [batch_dim, *dims], "dtype": "float32",
+                  "preprocessing": pre.model_dump(mode="json")},
+        "output": {"name": onnx_export.OUTPUT, "shape": [batch_dim, len(meta.classes)], "dtype": "float32",
+                   "classes": meta.classes},
+        "parity": result,
+        "graph": graph_info,
+        "method": meta.provenance.get("method", "unknown"),
+        "settings": meta.provenance.get("config", {}),
+        "source_run": str(run.resolve()),
+        "versions": _versions(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    if int8_info is not None:
+        export["int8"] = int8_info
+    export["hashes"] = {str(p.relative_to(tmp)): sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+    atomic_write_json(tmp / EXPORT_JSON, export)
+    return export
+
+
+def _heads(model) -> int:
+    return next(b.attn.num_heads for b in model.blocks if hasattr(b, "attn"))
+
+
+def _quantize(tmp: Path, meta, profile: Profile, cal_images: np.ndarray | None,
+              cal_info: dict[str, Any] | None) -> dict[str, Any]:
+    """Write model.int8.onnx, check it fits the runtime, and compare its val top-1 with fp32."""
+    opts = profile.int8
+    batch = profile.batch_spec
+    run_batch = batch.opt if batch.dynamic else batch.max
+    info = quantize.quantize_graph(tmp / FP32_ONNX, tmp / INT8_ONNX, cal_images, opts, profile.calibration.method,
+                                   profile.runtime, max(run_batch, 8) if batch.dynamic else run_batch)
+    int8_graph = onnx.load(str(tmp / INT8_ONNX))
+    onnx_export.check(int8_graph)
+    if profile.runtime == "tensorrt":
+        checks.check_standard_ops(int8_graph, INT8_ONNX)
+        info["qdq"] = checks.check_qdq_placement(int8_graph, opts.ops, INT8_ONNX)
+    images, labels = quantize.split_arrays(meta, "val")
+    eval_batch = 64 if batch.dynamic else run_batch
+    fp32 = quantize.onnx_top1(tmp / FP32_ONNX, images, labels, eval_batch)
+    int8 = quantize.onnx_top1(tmp / INT8_ONNX, images, labels, eval_batch)
+    result = {"fp32_val_top1": fp32, "int8_val_top1": int8, "delta": int8 - fp32, "val_images": len(labels),
+              "samples": cal_info["samples"] if cal_info else 0, "calibration": cal_info, **info}
+    if fp32 - int8 > opts.max_top1_drop:
+        raise EdgeVitError(f"INT8 val top-1 {int8:.4f} is {fp32 - int8:.4f} below FP32 {fp32:.4f} "
+                           f"(profile allows {opts.max_top1_drop}); try more calibration samples or another "
+                           "calibration method")
+    return result

@@ -1,0 +1,223 @@
+"""Export profiles: one YAML per target x precision, validated before any work starts.
+
+A profile says where a bundle is going (target, runtime, precision, batch) and how to get it there (opset,
+calibration, TensorRT builder options, parity tolerances). Profiles are found by name in, in order,
+``$EDGEVIT_PROFILES`` (``os.pathsep``-separated folders), ``./export_profiles`` and the ``export_profiles``
+folder next to the installed package; a path to a YAML file works too. Unknown or misspelt keys are errors
+that name the key and the closest valid one, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from edgevit.errors import EdgeVitError
+
+PROFILE_DIR = "export_profiles"
+PROFILE_ENV = "EDGEVIT_PROFILES"
+TARGETS = ("jetson-orin-nano", "jetson-orin-nx", "jetson-agx-orin", "desktop-gpu", "cpu")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BatchSpec(_Strict):
+    """Static batch (``min == opt == max``) or a dynamic range with the size TensorRT tunes for (``opt``)."""
+
+    min: int = Field(1, ge=1)
+    opt: int = Field(1, ge=1)
+    max: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> BatchSpec:
+        if not self.min <= self.opt <= self.max:
+            raise ValueError(f"batch needs min <= opt <= max, got {self.min}/{self.opt}/{self.max}")
+        return self
+
+    @property
+    def dynamic(self) -> bool:
+        return self.min != self.max
+
+
+class Calibration(_Strict):
+    """Where INT8 ranges come from.
+
+    ``set`` is ``bundle`` (class-balanced images of the bundle's own train split), the name of a manifest
+    in ``calibration/`` or a path to one.
+    """
+
+    set: str = "bundle"
+    samples: int | None = Field(None, ge=1, description="default: the manifest's sample count (256 for bundle)")
+    method: Literal["entropy", "percentile", "minmax"] = "minmax"
+    seed: int | None = None
+
+
+class Int8Options(_Strict):
+    """How the INT8 graph is made.
+
+    ``quantizer``: ``static`` (Q/DQ with calibrated activation scales; what TensorRT needs), ``dynamic``
+    (ONNX Runtime only: int8 weights, activation scales computed per batch at run time) or ``modelopt``
+    (nvidia-modelopt's ONNX quantization, TensorRT targets; falls back to ``static`` when not installed).
+    """
+
+    quantizer: Literal["static", "dynamic", "modelopt"] = "static"
+    ops: list[str] = Field(default_factory=lambda: ["MatMul", "Gemm"])
+    high_precision_ops: list[str] = Field(default_factory=lambda: ["LayerNormalization", "Softmax", "Add"])
+    quantize_attention_matmuls: bool = False  # q @ k^T and p @ v: activation x activation products
+    per_channel: bool = True
+    max_top1_drop: float = Field(0.01, ge=0, le=1, description="INT8 vs FP32 val top-1 drop that fails the export")
+
+
+class TensorRTOptions(_Strict):
+    """TensorRT builder settings (Python API and the equivalent trtexec line)."""
+
+    workspace_mb: int = Field(1024, ge=16)
+    builder_optimization_level: int = Field(3, ge=0, le=5)
+    timing_cache: str | None = "timing.cache"
+    dla_core: int | None = Field(None, ge=0)
+    gpu_fallback: bool = True
+    version_min: str = "10.0"
+    version_max: str | None = None  # exclusive upper bound, e.g. "12"
+
+
+class Parity(_Strict):
+    """How close the ONNX graph must be to torch on real images; over tolerance, the export fails."""
+
+    images: int = Field(64, ge=1)
+    split: Literal["val", "test"] = "val"
+    max_abs_diff: float = Field(1e-4, gt=0)
+    min_cosine: float = Field(0.99999, ge=-1, le=1)
+    min_top1_agreement: float = Field(1.0, ge=0, le=1)
+
+
+class Profile(_Strict):
+    """One export target x precision."""
+
+    name: str
+    description: str = ""
+    target: Literal["jetson-orin-nano", "jetson-orin-nx", "jetson-agx-orin", "desktop-gpu", "cpu"]
+    runtime: Literal["tensorrt", "onnxruntime"]
+    precision: Literal["fp32", "fp16", "int8"]
+    batch: int | BatchSpec = 1
+    opset: int = Field(17, ge=13)
+    exporter: Literal["torchscript", "dynamo"] = "torchscript"
+    ort_fusions: Literal["session", "transformers", "none"] = "session"
+    calibration: Calibration = Field(default_factory=Calibration)
+    int8: Int8Options = Field(default_factory=Int8Options)
+    tensorrt: TensorRTOptions = Field(default_factory=TensorRTOptions)
+    parity: Parity = Field(default_factory=Parity)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Profile:
+        if self.runtime == "tensorrt" and self.opset < 17:
+            raise ValueError("tensorrt profiles need opset >= 17 (LayerNormalization as one op)")
+        if self.runtime == "onnxruntime" and self.precision == "fp16":
+            raise ValueError("fp16 is a tensorrt precision; onnxruntime profiles are fp32 or int8")
+        if self.runtime == "tensorrt" and self.precision == "int8" and self.int8.quantizer == "dynamic":
+            raise ValueError("dynamic quantization is ONNX Runtime only; tensorrt needs static Q/DQ")
+        if self.tensorrt.dla_core is not None and not self.target.startswith("jetson"):
+            raise ValueError("dla_core is only available on Jetson targets")
+        return self
+
+    @property
+    def batch_spec(self) -> BatchSpec:
+        b = self.batch
+        return b if isinstance(b, BatchSpec) else BatchSpec(min=b, opt=b, max=b)
+
+
+def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model class that validates the mapping at ``loc`` (for typo suggestions)."""
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        candidates = [a for a in getattr(field.annotation, "__args__", (field.annotation,))
+                      if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not candidates:
+            return None
+        model = candidates[0]
+    return model
+
+
+def _explain(err: ValidationError, source: str) -> str:
+    errors = err.errors()
+    # ``batch`` is ``int | BatchSpec``: a mapping fails both branches; the BatchSpec branch says why.
+    first = next((e for e in errors if "int" not in e["loc"]), errors[0])
+    loc = tuple(p for p in first["loc"] if not (isinstance(p, str) and (p == "int" or "BatchSpec" in p)))
+    where = ".".join(str(p) for p in loc) or "(top level)"
+    if first["type"] == "extra_forbidden":
+        owner = _model_at(Profile, loc[:-1])
+        valid = sorted(owner.model_fields) if owner else []
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(valid)}"
+        return f"{source}: unknown key {where!r}{hint}"
+    return f"{source}: {where}: {first['msg']}"
+
+
+def parse_profile(raw: Any, source: str = "profile") -> Profile:
+    """Validate a profile mapping; every problem becomes one :class:`EdgeVitError` line."""
+    if not isinstance(raw, dict):
+        raise EdgeVitError(f"{source}: a profile must be a YAML mapping")
+    try:
+        return Profile.model_validate(raw)
+    except ValidationError as err:
+        raise EdgeVitError(_explain(err, source)) from None
+
+
+def search_dirs(folder: str = PROFILE_DIR, env: str = PROFILE_ENV) -> list[Path]:
+    """Where named profiles (or calibration manifests) live: ``$env`` folders, ``./folder``, and the folder
+    next to the package (the repository root in a source checkout)."""
+    dirs = [Path(p) for p in os.environ.get(env, "").split(os.pathsep) if p]
+    dirs += [Path.cwd() / folder, Path(__file__).resolve().parents[2] / folder]
+    unique: list[Path] = []
+    for d in dirs:
+        if d.is_dir() and d.resolve() not in [u.resolve() for u in unique]:
+            unique.append(d)
+    return unique
+
+
+def find_yaml(name: str, folder: str, env: str, kind: str) -> Path:
+    """A YAML file given as a path or as a name looked up in :func:`search_dirs`."""
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        if not path.is_file():
+            raise EdgeVitError(f"{kind} file {name} does not exist")
+        return path
+    for d in search_dirs(folder, env):
+        for suffix in (".yaml", ".yml"):
+            if (d / f"{name}{suffix}").is_file():
+                return d / f"{name}{suffix}"
+    known = sorted({p.stem for d in search_dirs(folder, env) for p in d.glob("*.y*ml")})
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(known) or 'none'}"
+    raise EdgeVitError(f"no {kind} named {name!r} (searched ${env}, ./{folder}, the package's {folder}/){hint}")
+
+
+def read_yaml(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise EdgeVitError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+
+
+def load_profile(name: str) -> Profile:
+    """A profile by name (see the module docstring for where it is looked up) or by path."""
+    path = find_yaml(name, PROFILE_DIR, PROFILE_ENV, "export profile")
+    return parse_profile(read_yaml(path), str(path))
+
+
+def list_profiles() -> list[tuple[Profile, Path]]:
+    """Every named profile, first found wins (the search order of :func:`search_dirs`)."""
+    seen: dict[str, tuple[Profile, Path]] = {}
+    for d in search_dirs():
+        for path in sorted(d.glob("*.y*ml")):
+            if path.stem not in seen:
+                seen[path.stem] = (parse_profile(read_yaml(path), str(path)), path)
+    return [seen[k] for k in sorted(seen)]

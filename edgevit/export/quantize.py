@@ -1,0 +1,261 @@
+"""INT8: calibration sets and the quantizers that turn an fp32 ONNX graph into an INT8 one.
+
+Calibration sets are manifests ``calibration/<name>.yaml`` (see calibration/README.md) naming ``digits`` or
+an image folder, a sample count and a seed; ``bundle`` means the bundle's own train split. Images are drawn
+class-balanced (sub-folders count as classes) with :func:`edgevit.data.balanced_indices`.
+
+Quantizers:
+
+- ``static``: ONNX Runtime static quantization in QDQ format on MatMul/Gemm with per-channel weights and
+  calibrated activation scales. For TensorRT, activations are symmetric int8 (TensorRT requires zero
+  points of 0) and only weight MatMuls/Gemms are quantized, so Q/DQ pairs sit on MatMul/Gemm inputs and
+  LayerNorm, Softmax and residual adds keep their precision; for ONNX Runtime, activations are uint8 (the
+  fast u8s8 kernels on x86).
+- ``dynamic``: ONNX Runtime dynamic quantization (int8 weights, activation ranges per batch). ORT only.
+- ``modelopt``: nvidia-modelopt's ONNX INT8 quantization (TensorRT placement rules); when modelopt is not
+  installed the ``static`` TensorRT path runs instead and export.json says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from edgevit.data import DIGITS, balanced_indices, load_ref, load_split
+from edgevit.data.datasets import IMAGE_SUFFIXES, ImageFiles
+from edgevit.errors import EdgeVitError
+from edgevit.export.checks import run_onnx
+from edgevit.export.profiles import Calibration, Int8Options, find_yaml, read_yaml
+from edgevit.vit.bundle import BundleMeta
+
+log = logging.getLogger("edgevit")
+
+CALIBRATION_DIR = "calibration"
+CALIBRATION_ENV = "EDGEVIT_CALIBRATION"
+BUNDLE_SET = "bundle"
+DEFAULT_SAMPLES = 256
+
+
+class CalibrationManifest(BaseModel):
+    """``calibration/<name>.yaml``: where calibration images come from."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    description: str = ""
+    source: str  # "digits" or an image folder (relative paths are relative to the manifest)
+    split: str = "train"  # for digits: which split to draw from
+    samples: int = Field(DEFAULT_SAMPLES, ge=1)
+    seed: int = 0
+
+
+def load_manifest(name: str) -> CalibrationManifest:
+    path = find_yaml(name, CALIBRATION_DIR, CALIBRATION_ENV, "calibration set")
+    raw = read_yaml(path)
+    try:
+        manifest = CalibrationManifest.model_validate(raw)
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise EdgeVitError(f"{path}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    if manifest.source != DIGITS and not Path(manifest.source).is_absolute():
+        manifest.source = str((path.parent / manifest.source).resolve())
+    return manifest
+
+
+def _folder_images(root: Path, meta: BundleMeta) -> ImageFiles:
+    """Every image under ``root`` (recursively); its parent folder is its class for balanced sampling."""
+    if not root.is_dir():
+        raise EdgeVitError(f"calibration folder {root} does not exist")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    groups = sorted({p.parent for p in files})
+    targets = [groups.index(p.parent) for p in files]
+    return ImageFiles(files, targets, [str(g) for g in groups], meta.preprocessing)
+
+
+def calibration_images(cal: Calibration, meta: BundleMeta) -> tuple[np.ndarray, dict[str, Any]]:
+    """The calibration batch (``N x C x H x W`` float32, preprocessed like the bundle) and its description.
+
+    Raises an :class:`EdgeVitError` when the set holds fewer images than asked for.
+    """
+    if cal.set == BUNDLE_SET:
+        dataset = load_ref(meta.data, "train", meta.preprocessing)
+        samples, seed, source = cal.samples or DEFAULT_SAMPLES, cal.seed or 0, f"{meta.data.source} (train split)"
+    else:
+        manifest = load_manifest(cal.set)
+        if manifest.source == DIGITS:
+            if meta.data.source != DIGITS:
+                raise EdgeVitError(f"calibration set {cal.set!r} is digits but the bundle was trained on "
+                                   f"{meta.data.source}; calibrate on images of the deployment data")
+            dataset = load_split(DIGITS, manifest.split, meta.preprocessing, meta.data.classes)
+        else:
+            dataset = _folder_images(Path(manifest.source), meta)
+        samples = cal.samples or manifest.samples
+        seed = manifest.seed if cal.seed is None else cal.seed
+        source = manifest.source
+    if len(dataset) < samples:
+        raise EdgeVitError(f"calibration set {cal.set!r} has {len(dataset)} images but {samples} are needed; "
+                           "add images or lower calibration.samples")
+    rows = balanced_indices(dataset, samples, seed)
+    images = torch.stack([dataset[i][0] for i in rows]).numpy().astype(np.float32)
+    return images, {"set": cal.set, "source": source, "samples": samples, "seed": seed, "method": cal.method}
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence the quantizers' progress prints and root-logger chatter (one line per tensor)."""
+    logging.disable(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+class _Reader:
+    """onnxruntime ``CalibrationDataReader`` over a fixed batch of images."""
+
+    def __init__(self, name: str, images: np.ndarray, batch: int) -> None:
+        self.batches = [{name: images[i:i + batch]} for i in range(0, len(images), batch)
+                        if len(images[i:i + batch]) == batch]
+        self.position = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.position >= len(self.batches):
+            return None
+        self.position += 1
+        return self.batches[self.position - 1]
+
+    def rewind(self) -> None:
+        self.position = 0
+
+
+def weight_nodes(graph: onnx.ModelProto, ops: list[str], attention_matmuls: bool) -> list[str]:
+    """Names of the nodes of type ``ops`` to quantize: those with a constant (initializer) weight input,
+    plus activation x activation MatMuls (attention) when ``attention_matmuls``."""
+    constants = {i.name for i in graph.graph.initializer}
+    constants |= {o for n in graph.graph.node if n.op_type == "Constant" for o in n.output}
+    return [n.name for n in graph.graph.node
+            if n.op_type in ops and (attention_matmuls or any(i in constants for i in n.input[1:]))]
+
+
+def _ensure_node_names(src: Path, dst: Path) -> onnx.ModelProto:
+    graph = onnx.load(str(src))
+    for i, node in enumerate(graph.graph.node):
+        node.name = node.name or f"{node.op_type}_{i}"
+    onnx.save(graph, str(dst))
+    return graph
+
+
+def _ort_calibration_method(method: str):
+    from onnxruntime.quantization import CalibrationMethod
+
+    return {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+            "percentile": CalibrationMethod.Percentile}[method]
+
+
+def quantize_static(src: Path, dst: Path, images: np.ndarray, opts: Int8Options, method: str,
+                    for_tensorrt: bool, batch: int) -> dict[str, Any]:
+    """ONNX Runtime static QDQ quantization of ``src``'s MatMul/Gemm nodes into ``dst``."""
+    from onnxruntime.quantization import QuantFormat, QuantType
+    from onnxruntime.quantization import quantize_static as ort_static
+
+    named = dst.with_suffix(".named.onnx")
+    graph = _ensure_node_names(src, named)
+    nodes = weight_nodes(graph, opts.ops, opts.quantize_attention_matmuls)
+    # Symmetric int8 activations for TensorRT (zero point 0); uint8 activations for ORT's u8s8 CPU kernels.
+    activation = QuantType.QInt8 if for_tensorrt else QuantType.QUInt8
+    extra = {"ActivationSymmetric": for_tensorrt, "WeightSymmetric": True}
+    if for_tensorrt:  # Q/DQ on MatMul/Gemm inputs only: TensorRT fuses them; outputs stay high precision
+        extra["OpTypesToExcludeOutputQuantization"] = list(opts.ops)
+    try:
+        with _quiet():
+            ort_static(str(named), str(dst), _Reader(graph.graph.input[0].name, images, batch),
+                       quant_format=QuantFormat.QDQ, op_types_to_quantize=opts.ops, nodes_to_quantize=nodes,
+                       per_channel=opts.per_channel, activation_type=activation, weight_type=QuantType.QInt8,
+                       calibrate_method=_ort_calibration_method(method), extra_options=extra)
+    finally:
+        named.unlink(missing_ok=True)
+        for leftover in dst.parent.glob("augmented_model*.onnx"):
+            leftover.unlink()
+    return {"method": "onnxruntime-static-qdq", "quantized_nodes": len(nodes),
+            "activations": "int8-symmetric" if for_tensorrt else "uint8", "per_channel": opts.per_channel}
+
+
+def quantize_dynamic(src: Path, dst: Path, opts: Int8Options) -> dict[str, Any]:
+    """ONNX Runtime dynamic quantization: int8 weights of MatMul/Gemm, activation ranges at run time."""
+    from onnxruntime.quantization import QuantType
+    from onnxruntime.quantization import quantize_dynamic as ort_dynamic
+
+    named = dst.with_suffix(".named.onnx")
+    graph = _ensure_node_names(src, named)
+    nodes = weight_nodes(graph, opts.ops, opts.quantize_attention_matmuls)
+    try:
+        with _quiet():
+            ort_dynamic(str(named), str(dst), op_types_to_quantize=opts.ops, nodes_to_quantize=nodes,
+                        per_channel=opts.per_channel, weight_type=QuantType.QInt8)
+    finally:
+        named.unlink(missing_ok=True)
+    return {"method": "onnxruntime-dynamic", "quantized_nodes": len(nodes), "per_channel": opts.per_channel}
+
+
+def modelopt_available() -> bool:
+    try:
+        import modelopt.onnx.quantization  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def quantize_modelopt(src: Path, dst: Path, images: np.ndarray, opts: Int8Options, method: str) -> dict[str, Any]:
+    """nvidia-modelopt ONNX INT8 quantization (TensorRT's Q/DQ placement rules), LayerNorm/Softmax/Add
+    excluded, attention BMMs quantized only when the profile asks for it."""
+    from modelopt.onnx.quantization import quantize
+
+    quantize(str(src), quantize_mode="int8", calibration_data=images,
+             calibration_method="max" if method == "minmax" else "entropy",
+             op_types_to_quantize=opts.ops, op_types_to_exclude=opts.high_precision_ops,
+             disable_mha_qdq=not opts.quantize_attention_matmuls, high_precision_dtype="fp32",
+             calibration_eps=["cpu"], output_path=str(dst))
+    return {"method": "modelopt-int8", "per_channel": True}
+
+
+def quantize_graph(src: Path, dst: Path, images: np.ndarray, opts: Int8Options, method: str, runtime: str,
+                   batch: int) -> dict[str, Any]:
+    """Write the INT8 graph ``dst`` from the fp32 ``src`` with the profile's quantizer; returns what ran."""
+    if opts.quantizer == "dynamic":
+        return quantize_dynamic(src, dst, opts)
+    if opts.quantizer == "modelopt":
+        if modelopt_available():
+            return quantize_modelopt(src, dst, images, opts, method)
+        log.info("nvidia-modelopt is not installed (pip install 'edgevit[quant]'); using ORT static Q/DQ "
+                 "restricted to %s", "/".join(opts.ops))
+    info = quantize_static(src, dst, images, opts, method, runtime == "tensorrt", batch)
+    if opts.quantizer == "modelopt":
+        info["fallback_from"] = "modelopt"
+    return info
+
+
+def onnx_top1(path: Path, images: np.ndarray, labels: np.ndarray, batch: int) -> float:
+    """Top-1 of an ONNX graph in ONNX Runtime on preprocessed images."""
+    return float(np.mean(run_onnx(path, images, batch).argmax(1) == labels))
+
+
+def split_arrays(meta: BundleMeta, split: str, limit: int | None = None, seed: int = 0) -> tuple[np.ndarray,
+                                                                                                   np.ndarray]:
+    """A split of the bundle's data as ``(images, labels)`` arrays; at most ``limit`` images (seeded)."""
+    dataset = load_ref(meta.data, split, meta.preprocessing)
+    rows = list(range(len(dataset)))
+    if limit is not None and limit < len(rows):
+        rows = sorted(random.Random(seed).sample(rows, limit))
+    images = torch.stack([dataset[i][0] for i in rows]).numpy().astype(np.float32)
+    return images, np.array([dataset.targets[i] for i in rows])

@@ -1,0 +1,448 @@
+"""Skip-pruned graphs: attention sub-layers removed, MLPs kept.
+
+Paper vs ours:
+
+* [paper: Tyukin et al., arXiv 2407.15516] drop the attention sub-layers (keep the MLPs) of the deeper
+  layers at inference, always keeping the final layer: strategy ``last``.
+* [paper: He et al., arXiv 2406.15786, code CASE-Lab-UMD/LLM-Drop] score each attention sub-layer on
+  calibration data by ``mean_tokens cos(X, X + Attn(LN(X)))`` and drop the ``k`` most similar ones (the
+  sub-layers that change their input least): strategy ``cosine``. The scores are taken once, on the
+  unpruned model.
+* [ours] ``random`` (seeded) is the control; an optional healing fine-tune of every remaining weight with
+  the shared training loop; ``cosine`` and ``random`` may pick any block (MLP Can Be A Good Transformer
+  Learner finds early ViT layers the removable ones), ``last`` never drops the final block.
+* [ours] ``cosine-pooled``: the same score averaged only over the tokens the classifier reads (the class
+  token, or the patch tokens under average pooling). An LLM has no class token; in a ViT the mean over
+  all tokens is dominated by patch tokens and can miss a sub-layer that is the class token's main input:
+  on the digits baseline block 0 scores 0.970 over all tokens (second most removable) but 0.31 on the
+  class token, and removing it alone drops test top-1 from 96.9% to 24.8%.
+
+Here ``X`` is the block input and ``Attn(LN(X))`` the residual branch as the block adds it (after
+LayerScale), so the score measures exactly what removing the branch changes. The deployable result is a
+bundle whose surgery list gains ``{"op": "skip_attention", "blocks": [...]}``: the graph physically lacks
+those blocks' norm1, qkv, proj and LayerScale.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import random
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
+from torch.utils.data import Dataset
+
+from edgevit.bench.flops import count_flops, count_params
+from edgevit.bench.latency import TimingConfig, ort_session, rotation_inputs, time_onnx
+from edgevit.bench.schema import Latency, ResultRow, append_rows, machine_info, read_rows
+from edgevit.data import calibration_batch, data_ref, load_split, source_classes
+from edgevit.errors import EdgeVitError
+from edgevit.train import TrainConfig, fit, is_main_process
+from edgevit.train.run import prepare_run_dir, provenance, split_metrics
+from edgevit.vit import BundleMeta, apply_surgery, load_bundle, save_bundle
+from edgevit.vit.surgery import MlpOnlyBlock
+
+log = logging.getLogger("edgevit")
+
+SELECTIONS = ("cosine", "cosine-pooled", "last", "random")
+# Which similarity score each score-based selection ranks by.
+SCORED = {"cosine": "all", "cosine-pooled": "pooled"}
+SWEEP_RATIOS = (0.0, 1 / 6, 1 / 3, 1 / 2)
+DEFAULT_RATIO = 1 / 3
+SELECTION_FILE = "selection.json"
+SWEEP_FILE = "sweep.jsonl"
+SWEEP_TIMING = TimingConfig(seconds=2.0)
+
+
+@dataclass
+class SkipConfig:
+    """Settings of ``edgevit train skip``.
+
+    Args:
+        select: ``cosine`` (least-change sub-layers), ``cosine-pooled`` (the same on the pooled tokens),
+            ``last`` (deepest, final block kept) or ``random``.
+        ratio: fraction of the model's attention sub-layers to remove (rounded to whole blocks); default
+            1/3 when ``blocks`` is not given either.
+        blocks: remove exactly these blocks instead of selecting (``select`` is then ignored).
+        calib: class-balanced training images the cosine scores are measured on.
+    """
+
+    select: str = "cosine"
+    ratio: float | None = None
+    blocks: list[int] | None = None
+    calib: int = 64
+
+    def check(self) -> None:
+        if self.select not in SELECTIONS:
+            raise EdgeVitError(f"unknown selection {self.select!r} ({', '.join(SELECTIONS)})")
+        if self.ratio is not None and self.blocks is not None:
+            raise EdgeVitError("give either --ratio or --blocks, not both")
+        if self.ratio is not None and not 0 <= self.ratio < 1:
+            raise EdgeVitError(f"--ratio must be in [0, 1), got {self.ratio}")
+        if self.calib < 1:
+            raise EdgeVitError(f"--calib must be positive, got {self.calib}")
+
+
+def attention_blocks(model: VisionTransformer) -> list[int]:
+    """Indices of the blocks that still have an attention sub-layer."""
+    return [i for i, block in enumerate(model.blocks) if not isinstance(block, MlpOnlyBlock)]
+
+
+def pooled_tokens(model: VisionTransformer) -> slice:
+    """The token positions the classifier reads: the class token under ``global_pool='token'``, the
+    patch tokens under average/max pooling, every token otherwise (attention pooling)."""
+    if model.global_pool == "token":
+        return slice(0, 1)
+    if model.global_pool in ("avg", "max", "avgmax"):
+        return slice(model.num_prefix_tokens, None)
+    return slice(None)
+
+
+Scores = dict[str, dict[int, float]]
+
+
+@torch.no_grad()
+def attention_similarity(model: VisionTransformer, images: torch.Tensor, batch_size: int = 64) -> Scores:
+    """He et al.'s score of every attention sub-layer: ``cos(X, X + ls1(attn(norm1(X))))`` per token,
+    averaged over images and over all tokens (``"all"``) or over the pooled tokens only (``"pooled"``),
+    in eval mode and fp32. High = the sub-layer changes its input little.
+
+    Args:
+        model: the unpruned (or partly pruned) model; blocks without attention get no score.
+        images: calibration images, ``n x C x H x W``.
+        batch_size: images per forward pass.
+
+    Returns:
+        ``{"all": {block: score}, "pooled": {block: score}}``.
+    """
+    blocks = attention_blocks(model)
+    pooled = pooled_tokens(model)
+    sums = {mode: dict.fromkeys(blocks, 0.0) for mode in ("all", "pooled")}
+    counts = {mode: dict.fromkeys(blocks, 0) for mode in ("all", "pooled")}
+    inputs: dict[int, torch.Tensor] = {}
+
+    def save_input(b: int, x: torch.Tensor) -> None:
+        inputs[b] = x.float()
+
+    def add_score(b: int, branch: torch.Tensor) -> None:
+        x = inputs.pop(b)
+        cos = F.cosine_similarity(x, x + branch.float(), dim=-1)  # images x tokens
+        for mode, part in (("all", cos), ("pooled", cos[:, pooled])):
+            sums[mode][b] += part.sum().item()
+            counts[mode][b] += part.numel()
+
+    handles = []
+    for b in blocks:
+        block = model.blocks[b]
+        handles.append(block.register_forward_pre_hook(lambda m, args, b=b: save_input(b, args[0])))
+        # ls1 ends the attention branch (an Identity without LayerScale, whose hooks fire all the same).
+        handles.append(block.ls1.register_forward_hook(lambda m, args, out, b=b: add_score(b, out)))
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        for batch in images.split(batch_size):
+            model(batch.to(device))
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return {mode: {b: sums[mode][b] / max(1, counts[mode][b]) for b in blocks} for mode in sums}
+
+
+def count_to_drop(ratio: float, available: int) -> int:
+    """Whole sub-layers a ``ratio`` of ``available`` attention sub-layers means (rounded to nearest)."""
+    return round(ratio * available)
+
+
+def select_blocks(model: VisionTransformer, select: str, k: int, scores: Scores | None = None,
+                  seed: int = 0) -> list[int]:
+    """The ``k`` blocks whose attention sub-layer to remove, ascending.
+
+    Args:
+        model: the model to prune.
+        select: ``cosine`` / ``cosine-pooled`` (highest all-token / pooled-token score), ``last``
+            (deepest, never the final block) or ``random``.
+        k: how many.
+        scores: :func:`attention_similarity` of ``model`` (the cosine selections only).
+        seed: ``random``'s seed.
+    """
+    candidates = attention_blocks(model)
+    if select == "last":
+        candidates = [b for b in candidates if b != len(model.blocks) - 1]
+    if not 0 <= k <= len(candidates):
+        raise EdgeVitError(f"cannot drop {k} attention sub-layers with {select!r}: only {len(candidates)} "
+                           f"candidate blocks")
+    if select in SCORED:
+        if scores is None:
+            raise ValueError(f"{select} selection needs the similarity scores")
+        score = scores[SCORED[select]]
+        chosen = sorted(candidates, key=lambda b: (-score[b], b))[:k]
+    elif select == "last":
+        chosen = candidates[len(candidates) - k:]
+    elif select == "random":
+        chosen = random.Random(seed).sample(candidates, k)
+    else:
+        raise EdgeVitError(f"unknown selection {select!r} ({', '.join(SELECTIONS)})")
+    return sorted(chosen)
+
+
+def check_blocks(model: VisionTransformer, blocks: Sequence[int]) -> list[int]:
+    """``blocks`` as ascending non-negative indices of blocks that still have attention."""
+    depth = len(model.blocks)
+    out = []
+    for b in blocks:
+        if not -depth <= b < depth:
+            raise EdgeVitError(f"block {b} does not exist (the model has {depth} blocks)")
+        out.append(b % depth)
+    if len(set(out)) != len(out):
+        raise EdgeVitError(f"--blocks lists a block twice: {list(blocks)}")
+    missing = sorted(set(out) - set(attention_blocks(model)))
+    if missing:
+        raise EdgeVitError(f"blocks {missing} have no attention sub-layer left to remove")
+    return sorted(out)
+
+
+def skip_op(blocks: Sequence[int]) -> list[dict]:
+    """The surgery ops that remove ``blocks``' attention (none for an empty list)."""
+    return [{"op": "skip_attention", "blocks": list(blocks)}] if blocks else []
+
+
+def skipped(model: VisionTransformer, blocks: Sequence[int]) -> VisionTransformer:
+    """A copy of ``model`` without the attention sub-layers of ``blocks`` (remaining weights shared
+    by value, not by reference)."""
+    return apply_surgery(copy.deepcopy(model), skip_op(blocks))
+
+
+def ratio_label(k: int, total: int) -> str:
+    """``2 of 6`` -> ``1/3``."""
+    return str(Fraction(k, total)) if total else "0"
+
+
+@dataclass
+class Selection:
+    """Which blocks lose their attention and why (kept in the run dir so a resumed run reuses it)."""
+
+    select: str
+    blocks: list[int]
+    scores: Scores
+    calibration: dict
+
+
+def choose(model: VisionTransformer, cfg: SkipConfig, train_set: Dataset, seed: int) -> Selection:
+    """Score ``model``'s attention sub-layers on calibration images and pick the blocks ``cfg`` asks for."""
+    n = min(cfg.calib, len(train_set))
+    scores = attention_similarity(model, calibration_batch(train_set, n, seed))
+    calibration = {"images": n, "split": "train", "seed": seed, "class_balanced": True}
+    if cfg.blocks is not None:
+        return Selection("manual", check_blocks(model, cfg.blocks), scores, calibration)
+    ratio = DEFAULT_RATIO if cfg.ratio is None else cfg.ratio
+    k = count_to_drop(ratio, len(attention_blocks(model)))
+    return Selection(cfg.select, select_blocks(model, cfg.select, k, scores, seed), scores, calibration)
+
+
+def _load_selection(path: Path) -> Selection:
+    raw = json.loads(path.read_text())
+    raw["scores"] = {mode: {int(b): s for b, s in score.items()} for mode, score in raw["scores"].items()}
+    return Selection(**raw)
+
+
+def _rounded(scores: dict[int, float]) -> dict[str, float]:
+    return {str(b): round(s, 6) for b, s in scores.items()}
+
+
+def prepare_skip(model_dir: str | Path, data: str) -> tuple[VisionTransformer, BundleMeta]:
+    """The bundle in ``model_dir`` with its metadata pointed at ``data`` (which must hold its classes)."""
+    model, meta = load_bundle(model_dir)
+    meta = meta.model_copy(deep=True)
+    meta.data = data_ref(data, None if meta.classes == source_classes(data) else meta.classes)
+    return model, meta
+
+
+def train_skip(
+        model_dir: str | Path,
+        data: str,
+        out: str | Path,
+        cfg: SkipConfig | None = None,
+        train_cfg: TrainConfig | None = None,
+        resume: bool = False,
+) -> Path:
+    """Remove attention sub-layers from the bundle in ``model_dir``, heal, and write a bundle to ``out``.
+
+    Args:
+        model_dir: the bundle to prune (a run directory).
+        data: ``digits`` or an image folder holding the bundle's classes (calibration, healing, metrics).
+        out: the run directory to write.
+        cfg: what to remove.
+        train_cfg: the healing fine-tune; ``epochs=0`` removes without healing.
+        resume: continue a killed run in ``out`` (the recorded selection is reused).
+    """
+    cfg = cfg or SkipConfig()
+    cfg.check()
+    train_cfg = train_cfg or TrainConfig(epochs=5, lr=3e-4, warmup_epochs=0.5)
+    out = prepare_run_dir(out, resume)
+    model, meta = prepare_skip(model_dir, data)
+    base_test = meta.metrics.get("test_top1")
+    train_set = load_split(data, "train", meta.preprocessing, meta.classes)
+
+    selection_path = out / SELECTION_FILE
+    if resume and selection_path.exists():
+        selection = _load_selection(selection_path)
+    else:
+        selection = choose(model, cfg, train_set, train_cfg.seed)
+        if is_main_process():
+            selection_path.write_text(json.dumps(asdict(selection), indent=2) + "\n")
+    apply_surgery(model, skip_op(selection.blocks))
+    meta.surgery = [*meta.surgery, *skip_op(selection.blocks)]
+    if is_main_process():
+        log.info("skip: removing the attention of blocks %s (%s)", selection.blocks, selection.select)
+    before = split_metrics(model, meta) if is_main_process() else {}
+
+    result = None
+    if train_cfg.epochs > 0:
+        val_set = load_split(data, "val", meta.preprocessing, meta.classes)
+        result = fit(model, train_set, train_cfg, out, val_set=val_set, resume=resume, description="skip heal")
+    if is_main_process():
+        after = split_metrics(model, meta) if result else before
+        meta.metrics = {**after, "before_heal": {k: v for k, v in before.items() if k != "how"},
+                        "base_test_top1": base_test, "removed_blocks": selection.blocks,
+                        "heal_epochs": train_cfg.epochs,
+                        **({"steps": result.steps, "train_seconds": round(result.seconds, 1)} if result else {})}
+        config = {**asdict(cfg), "select": selection.select, "heal": asdict(train_cfg)}
+        meta.provenance = provenance("skip", config, train_cfg.seed, base=str(model_dir),
+                                     removed_blocks=selection.blocks,
+                                     attention_similarity=_rounded(selection.scores["all"]),
+                                     attention_similarity_pooled=_rounded(selection.scores["pooled"]),
+                                     calibration=selection.calibration)
+        save_bundle(out, model, meta)
+    return out
+
+
+# --- the sweep: accuracy before/after healing and ORT latency for every (ratio, selection) ---------------
+
+
+@dataclass
+class Measurement:
+    top1: float
+    latency: Latency
+    onnx_mb: float
+    params: int
+    gflops: float
+
+
+def measure(model: VisionTransformer, test_set: Dataset, threads: int, timing: TimingConfig) -> Measurement:
+    """Export ``model`` (fp32, batch 1) to a temporary ONNX file, then top-1 on ``test_set`` and latency
+    through ONNX Runtime on the CPU with ``threads`` intra-op threads."""
+    from edgevit.export.onnx import export_onnx
+    from edgevit.export.profiles import BatchSpec
+
+    sample = test_set[0][0].unsqueeze(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        export_onnx(model, path, sample, BatchSpec())
+        session = ort_session(path, threads)
+        name = session.get_inputs()[0].name
+        correct = sum(int(np.argmax(session.run(None, {name: image.unsqueeze(0).numpy()})[0]) == label)
+                      for image, label in test_set)
+        latency = time_onnx(path, rotation_inputs(tuple(sample.shape)), threads, timing)
+        onnx_mb = path.stat().st_size / 2**20
+    return Measurement(top1=correct / len(test_set), latency=latency, onnx_mb=round(onnx_mb, 3),
+                       params=count_params(model), gflops=round(count_flops(model, tuple(sample.shape)) / 1e9, 6))
+
+
+def _row(artifact: str, method: str, label: str, settings: dict, m: Measurement, threads: int) -> ResultRow:
+    return ResultRow(artifact=artifact, method=method, settings=settings, label=label, backend="ort",
+                     precision="fp32", batch=1, threads=threads, latency_ms=m.latency,
+                     throughput_ips=round(1e3 / m.latency.mean, 2), top1=round(m.top1, 5), top1_split="test",
+                     artifact_mb=m.onnx_mb, params=m.params, gflops=m.gflops, machine=machine_info(threads),
+                     source="edgevit train skip --sweep")
+
+
+def sweep_skip(
+        model_dir: str | Path,
+        data: str,
+        out: str | Path,
+        train_cfg: TrainConfig,
+        ratios: Sequence[float] = SWEEP_RATIOS,
+        selects: Sequence[str] = SELECTIONS,
+        calib: int = 64,
+        threads: int = 2,
+        timing: TimingConfig = SWEEP_TIMING,
+        resume: bool = False,
+) -> Path:
+    """For each ratio and selection strategy: prune, measure, heal, measure; rows go to ``out/sweep.jsonl``.
+
+    The unpruned model is one ``baseline`` row; ratio 0 healed (fine-tuning alone) is a ``skip none 0
+    healed`` control; every other configuration gives a ``skip <select> <ratio>`` row before healing and a
+    ``... healed`` row after, and keeps its healed bundle in ``out/<select>-<k>of<n>/``. A resumed sweep
+    skips the configurations whose rows are already written.
+
+    Args:
+        model_dir: the bundle to prune.
+        data: its data source.
+        out: the sweep directory.
+        train_cfg: the healing fine-tune of every configuration.
+        ratios: fractions of attention sub-layers to remove (rounded to whole blocks; duplicates merged).
+        selects: the strategies to compare.
+        calib: calibration images for the cosine scores.
+        threads: ONNX Runtime intra-op threads for latency.
+        timing: warm-up and iterations of each latency measurement.
+        resume: continue a killed sweep in ``out``.
+    """
+    for select in selects:
+        SkipConfig(select=select).check()
+    started = resume and (Path(out) / SWEEP_FILE).exists()
+    out = Path(out) if started else prepare_run_dir(out, resume)
+    results = out / SWEEP_FILE
+    done = {r.label for r in read_rows(results)} if started else set()
+    model, meta = prepare_skip(model_dir, data)
+    test_set = load_split(data, "test", meta.preprocessing, meta.classes)
+    train_set = load_split(data, "train", meta.preprocessing, meta.classes)
+    scores = attention_similarity(model, calibration_batch(train_set, min(calib, len(train_set)), train_cfg.seed))
+    total = len(attention_blocks(model))
+    counts = sorted({count_to_drop(r, total) for r in ratios})
+
+    def settings(select: str, k: int, blocks: list[int], healed: bool) -> dict:
+        return {"select": select, "ratio": round(k / total, 4), "removed": k, "of": total, "blocks": blocks,
+                "healed": healed, "heal_epochs": train_cfg.epochs if healed else 0}
+
+    if 0 in counts and "baseline" not in done:
+        append_rows(results, [_row(str(model_dir), "baseline", "baseline", settings("none", 0, [], False),
+                                   measure(model, test_set, threads, timing), threads)])
+    configs = [("none", 0)] if 0 in counts and train_cfg.epochs > 0 else []
+    configs += [(select, k) for k in counts if k > 0 for select in selects]
+    for select, k in configs:
+        name = f"skip {select} {ratio_label(k, total)}"
+        if f"{name} healed" in done or (train_cfg.epochs == 0 and name in done):
+            continue
+        try:
+            blocks = [] if k == 0 else select_blocks(model, select, k, scores, train_cfg.seed)
+        except EdgeVitError as err:
+            log.warning("sweep: skipping %s: %s", name, err)
+            continue
+        rows = []
+        if k > 0:
+            rows.append(_row(str(model_dir), "skip", name, settings(select, k, blocks, False),
+                             measure(skipped(model, blocks), test_set, threads, timing), threads))
+        if train_cfg.epochs > 0:
+            run_dir = out / f"{select}-{k}of{total}"
+            # The same strategy, ratio, calibration and seed: train_skip picks the same blocks (and records
+            # its scores in the bundle) rather than being handed a bare list.
+            cfg = SkipConfig(select="cosine" if select == "none" else select, ratio=k / total, calib=calib)
+            train_skip(model_dir, data, run_dir, cfg, train_cfg, resume=resume and run_dir.exists())
+            healed, healed_meta = load_bundle(run_dir)
+            blocks = healed_meta.metrics["removed_blocks"]
+            rows.append(_row(str(run_dir), "skip", f"{name} healed", settings(select, k, blocks, True),
+                             measure(healed, test_set, threads, timing), threads))
+        append_rows(results, rows)
+    return results
+

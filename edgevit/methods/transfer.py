@@ -1,0 +1,376 @@
+"""Attention transfer: students that inherit a frozen teacher's attention patterns.
+
+Paper: Li et al., *On the Surprising Effectiveness of Attention Transfer for Vision Transformers*,
+NeurIPS 2024 (arXiv 2411.09702); read alongside the authors' ``models_dual_vit.py`` and
+``engine_finetune.py``.
+
+* **distill** [code]: the student runs alone; the loss is
+  ``CE(labels) + weight * sum_l mean_{b,h,i} [-sum_j softmax(A_T^l)_ij log_softmax(A_S^l)_ij]`` over the
+  transferred layers, in fp32, ``weight`` 3.0 and no temperature as in the code. The teacher is frozen,
+  in eval mode, and sees the same augmented batch (resized if the student's input side differs).
+  Attention logits are materialised only during training steps, and only in the transferred layers;
+  evaluation and the exported student use the fused attention path.
+* **copy** [code]: in each transferred layer the student attends with the teacher's probabilities,
+  ``softmax(A_T) @ V_S``; its own queries and keys there are unused.
+* Transferred layers [code]: the student's first ``K`` layers, ``K`` = depth - 3 by default (the code's
+  ``end_layer=-3``; at least 1 layer for students of depth <= 3).
+
+Smaller students [ours]:
+
+* **Layer map**: student layer ``i`` takes teacher layer ``round((i + 1) * L_T / L_S) - 1``, rounding
+  halves up (so 4 student layers of a 6-layer teacher read teacher layers 1, 2, 4, 5); equal depths map
+  one to one and the last student layer always meets the last teacher layer.
+* **Head map** ``average`` (default): teacher head ``t`` belongs to student head ``floor(t * H_S / H_T)``
+  (contiguous groups; with more student than teacher heads, student head ``h`` copies teacher head
+  ``floor(h * H_T / H_S)``); a student head's target is the mean of its group's *probabilities*, which is
+  again a distribution. Used as the distillation target and as the copied map.
+* **Head map** ``learned``: a 1x1 mixing of attention *logits* across heads, one matrix per transferred
+  layer, initialised to the same grouping and trained with the student (training-only state: it stays in
+  the run's checkpoint). In distill mode it maps the student's ``H_S`` logits to the teacher's ``H_T``
+  heads and each teacher head is matched (a regressor on the student side, like FitNets): mixing the
+  teacher's side instead would let it sharpen its own target and shrink the loss without teaching
+  anything. In copy mode it mixes the teacher's logits into ``H_S`` maps, trained by the task loss.
+
+Deployability. A distilled student is a plain ViT bundle. A copy student cannot run without its teacher;
+we **refuse to deploy it** rather than export teacher + student as one graph: the paper presents copy as
+an analysis tool, and a joint graph would need a second ViT inside the surgery registry for a model that
+costs more than its teacher. The copy run still writes a plain, loadable student bundle (empty surgery)
+so it can be inspected, but its ``bundle.json`` says ``provenance.deployable = false`` with
+``provenance.not_deployable_reason`` and ``provenance.needs_teacher`` (the teacher run); its metrics are
+those of the teacher + student system (``student_alone_test_top1`` records the student without the
+teacher). :func:`load_transfer` rebuilds the runnable teacher + student model from a run directory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from edgevit.data import data_ref, fraction_subset, load_split, source_classes
+from edgevit.data.transforms import default_preprocessing
+from edgevit.errors import EdgeVitError
+from edgevit.train import TrainConfig, evaluate, fit, is_main_process
+from edgevit.train.loop import CHECKPOINT, load_checkpoint
+from edgevit.train.run import prepare_run_dir, provenance, split_metrics
+from edgevit.vit import BundleMeta, attention, capture_attention_logits, create_vit, load_bundle, read_meta, save_bundle
+from edgevit.vit.bundle import BaseArch
+
+MODES = ("distill", "copy")
+HEAD_MAPS = ("average", "learned")
+UNTRANSFERRED_TOP = 3  # the authors' end_layer=-3: the last layers learn their own attention
+
+
+@dataclass
+class TransferConfig:
+    """Settings of ``edgevit train transfer``.
+
+    Args:
+        mode: ``distill`` (student runs alone, deployable) or ``copy`` (needs the teacher at inference).
+        layers: number of transferred student layers, counted from the first; ``None`` = depth - 3.
+        weight: weight of the attention loss (distill).
+        head_map: ``average`` (group-mean of probabilities) or ``learned`` (1x1 head mixing of logits).
+        data_fraction: class-stratified fraction of the training split (low-data regimes).
+    """
+
+    mode: str = "distill"
+    layers: int | None = None
+    weight: float = 3.0
+    head_map: str = "average"
+    data_fraction: float = 1.0
+
+    def check(self) -> None:
+        if self.mode not in MODES:
+            raise EdgeVitError(f"unknown transfer mode {self.mode!r} ({', '.join(MODES)})")
+        if self.head_map not in HEAD_MAPS:
+            raise EdgeVitError(f"unknown head map {self.head_map!r} ({', '.join(HEAD_MAPS)})")
+        if self.weight < 0:
+            raise EdgeVitError(f"--weight must be >= 0, got {self.weight}")
+
+
+def default_layers(student_depth: int) -> int:
+    """All but the last three layers (at least one)."""
+    return max(1, student_depth - UNTRANSFERRED_TOP)
+
+
+def layer_map(teacher_depth: int, student_depth: int, layers: int | None = None) -> list[int]:
+    """The teacher layer of each transferred student layer ``0 .. layers-1``:
+    ``round((i + 1) * L_T / L_S) - 1`` with halves rounded up (integer arithmetic, no float ties)."""
+    layers = default_layers(student_depth) if layers is None else layers
+    if not 1 <= layers <= student_depth:
+        raise EdgeVitError(f"--layers must be in 1..{student_depth} for a {student_depth}-layer student, "
+                           f"got {layers}")
+    return [(2 * (i + 1) * teacher_depth + student_depth) // (2 * student_depth) - 1 for i in range(layers)]
+
+
+def head_groups(teacher_heads: int, student_heads: int) -> torch.Tensor:
+    """Row-stochastic ``H_S x H_T`` matrix: row ``h`` averages the teacher heads assigned to student head
+    ``h`` (contiguous groups; the identity when the head counts are equal)."""
+    groups = torch.zeros(student_heads, teacher_heads)
+    if student_heads <= teacher_heads:
+        groups[torch.arange(teacher_heads) * student_heads // teacher_heads, torch.arange(teacher_heads)] = 1.0
+    else:
+        groups[torch.arange(student_heads), torch.arange(student_heads) * teacher_heads // student_heads] = 1.0
+    return groups / groups.sum(dim=1, keepdim=True)
+
+
+def mix_heads(weights: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+    """Mix ``B x H_in x N x N`` maps over heads with an ``H_out x H_in`` matrix."""
+    return torch.einsum("oh,bhij->boij", weights.to(maps.dtype), maps)
+
+
+def soft_cross_entropy(target_probs: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """``mean_{b,h,i} [-sum_j p_ij log_softmax(A_S)_ij]`` in fp32 (``B x H x N x N`` inputs)."""
+    with torch.autocast(student_logits.device.type, enabled=False):
+        log_q = student_logits.float().log_softmax(dim=-1)
+        return -(target_probs.float() * log_q).sum(dim=-1).mean()
+
+
+def attention_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Mean entropy (nats) of the rows of ``softmax(logits)``: the soft cross-entropy's minimum."""
+    return soft_cross_entropy(logits.float().softmax(dim=-1), logits)
+
+
+class HeadMixer(nn.Module):
+    """A learned 1x1 mixing of attention logits across heads (``H_out x H_in``), initialised to a grouping."""
+
+    def __init__(self, init: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(init.clone())
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        return mix_heads(self.weight, logits)
+
+
+@contextmanager
+def injected(model: VisionTransformer, probs: dict[int, torch.Tensor]) -> Iterator[None]:
+    """Make the listed blocks of ``model`` attend with the given probabilities inside the context."""
+    layers = {b: attention(model, b) for b in probs}
+    for block, layer in layers.items():
+        layer.injected_probs = probs[block]
+    try:
+        yield
+    finally:
+        for layer in layers.values():
+            layer.injected_probs = None
+
+
+class TransferStudent(nn.Module):
+    """The student, its frozen teacher and the (optional) learned head mixers, trained as one module.
+
+    ``forward(images)`` is the student's prediction (copy mode: with the teacher's maps injected);
+    ``forward(images, attention_loss=True)`` also returns the distillation loss (one call, so torchrun's
+    DDP sees the whole step).
+
+    Args:
+        student: the student ViT (built with :func:`edgevit.vit.create_vit`).
+        teacher: the teacher ViT; frozen here and kept in eval mode.
+        cfg: transfer settings.
+    """
+
+    def __init__(self, student: VisionTransformer, teacher: VisionTransformer, cfg: TransferConfig) -> None:
+        super().__init__()
+        cfg.check()
+        self.student, self.teacher, self.mode = student, teacher.eval(), cfg.mode
+        self.teacher.requires_grad_(False)
+        self.pairs = list(enumerate(layer_map(len(teacher.blocks), len(student.blocks), cfg.layers)))
+        try:
+            heads_t = {attention(teacher, t).num_heads for _, t in self.pairs}
+            heads_s = {attention(student, s).num_heads for s, _ in self.pairs}
+        except ValueError as err:
+            raise EdgeVitError(f"attention transfer needs attention in every mapped layer: {err}") from None
+        if len(heads_t) != 1 or len(heads_s) != 1:
+            raise EdgeVitError("teacher and student must each use one head count in every layer")
+        groups = head_groups(heads_t.pop(), heads_s.pop())
+        self.register_buffer("groups", groups, persistent=False)
+        self.mixers: nn.ModuleList | None = None
+        if cfg.head_map == "learned":
+            # distill: student logits -> teacher heads; copy: teacher logits -> student heads (see module doc)
+            init = (groups.T > 0).float() if cfg.mode == "distill" else groups
+            self.mixers = nn.ModuleList(HeadMixer(init / init.sum(1, keepdim=True)) for _ in self.pairs)
+        self.teacher_size = teacher.patch_embed.img_size
+        self.tokens = student.patch_embed.num_patches + student.num_prefix_tokens
+        teacher_tokens = teacher.patch_embed.num_patches + teacher.num_prefix_tokens
+        if teacher_tokens != self.tokens:
+            raise EdgeVitError(f"the student has {self.tokens} tokens and the teacher {teacher_tokens}: attention "
+                               "maps transfer only between equal patch grids (match --img-size/--patch-size)")
+
+    def train(self, mode: bool = True) -> TransferStudent:
+        super().train(mode)
+        self.teacher.eval()  # frozen: no dropout or drop-path noise in its maps
+        return self
+
+    @torch.no_grad()
+    def teacher_logits(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """fp32 attention logits of the teacher's mapped layers, one per transferred student layer."""
+        if tuple(images.shape[-2:]) != tuple(self.teacher_size):
+            # Normalisation is per-channel affine and bilinear weights sum to one: resizing the normalised
+            # batch equals normalising the resized images.
+            images = F.interpolate(images, size=self.teacher_size, mode="bilinear", align_corners=False)
+        blocks = sorted({t for _, t in self.pairs})
+        with capture_attention_logits(self.teacher, blocks) as captured:
+            self.teacher.forward_intermediates(images, indices=[blocks[-1]], stop_early=True,
+                                               intermediates_only=True, output_fmt="NLC")
+            maps = [captured[t].detach() for _, t in self.pairs]
+        if maps[0].shape[-2:] != (self.tokens, self.tokens):
+            raise EdgeVitError(f"the teacher's maps are {tuple(maps[0].shape[-2:])} but the student attends over "
+                               f"{self.tokens} tokens (a teacher with prefix keys or prompt tokens cannot teach)")
+        return maps
+
+    def copied_probs(self, images: torch.Tensor) -> dict[int, torch.Tensor]:
+        """The attention probabilities each transferred student layer uses in copy mode."""
+        probs = {}
+        for k, ((s, _), logits) in enumerate(zip(self.pairs, self.teacher_logits(images), strict=True)):
+            if self.mixers is not None:
+                probs[s] = self.mixers[k](logits).softmax(dim=-1)
+            else:
+                probs[s] = mix_heads(self.groups, logits.softmax(dim=-1))
+        return probs
+
+    def attention_loss(self, teacher: list[torch.Tensor], student: dict[int, torch.Tensor]) -> torch.Tensor:
+        """Sum over transferred layers of the soft cross-entropy between mapped teacher and student maps."""
+        total = torch.zeros((), device=teacher[0].device)
+        with torch.autocast(teacher[0].device.type, enabled=False):  # the maps and their mixing stay fp32
+            for k, ((s, _), logits_t) in enumerate(zip(self.pairs, teacher, strict=True)):
+                probs_t, logits_s = logits_t.float().softmax(dim=-1), student[s].float()
+                if self.mixers is not None:
+                    total = total + soft_cross_entropy(probs_t, self.mixers[k](logits_s))
+                else:
+                    total = total + soft_cross_entropy(mix_heads(self.groups, probs_t), logits_s)
+        return total
+
+    def forward(self, images: torch.Tensor, attention_loss: bool = False):
+        if self.mode == "copy":
+            probs = self.copied_probs(images)
+            with injected(self.student, probs):
+                logits = self.student(images)
+            return (logits, torch.zeros((), device=logits.device)) if attention_loss else logits
+        if not attention_loss:
+            return self.student(images)
+        teacher = self.teacher_logits(images)
+        with capture_attention_logits(self.student, [s for s, _ in self.pairs]) as captured:
+            logits = self.student(images)
+            student = dict(captured)
+        return logits, self.attention_loss(teacher, student)
+
+
+def transfer_loss(weight: float, label_smoothing: float):
+    """``loss_fn`` for :func:`edgevit.train.fit`: ``CE + weight * attention loss`` (weight 0: the plain
+    cross-entropy, and no attention map is materialised)."""
+
+    def loss_fn(model: nn.Module, images: torch.Tensor, labels: torch.Tensor):
+        logits, attn = model(images, attention_loss=True) if weight else (model(images), 0.0)
+        return F.cross_entropy(logits, labels, label_smoothing=label_smoothing) + weight * attn, logits
+
+    return loss_fn
+
+
+def student_arch(teacher: BundleMeta, model_name: str | None, img_size: int | None,
+                 arch: dict[str, Any] | None, num_classes: int) -> tuple[str, dict[str, Any]]:
+    """The student's timm name and kwargs: the teacher's architecture (or ``model_name``'s own defaults)
+    with the teacher's channels, ``img_size`` (default the teacher's) and the ``arch`` overrides."""
+    kwargs = dict(teacher.base.kwargs) if model_name in (None, teacher.base.name) else {}
+    kwargs.update(img_size=img_size or teacher.preprocessing.size, in_chans=teacher.preprocessing.channels,
+                  num_classes=num_classes, **(arch or {}))
+    dim, heads = kwargs.get("embed_dim"), kwargs.get("num_heads")
+    if dim is not None and heads is not None and dim % heads:
+        raise EdgeVitError(f"student width {dim} is not divisible by its {heads} heads")
+    return model_name or teacher.base.name, kwargs
+
+
+def train_transfer(
+        teacher_dir: str | Path,
+        data: str,
+        out: str | Path,
+        cfg: TransferConfig | None = None,
+        model_name: str | None = None,
+        img_size: int | None = None,
+        arch: dict[str, Any] | None = None,
+        train_cfg: TrainConfig | None = None,
+        resume: bool = False,
+) -> Path:
+    """Train a student on ``data`` with a frozen teacher's attention and write its bundle to ``out``.
+
+    Args:
+        teacher_dir: the teacher bundle (its classes may differ from ``data``'s: only its attention is used).
+        data: ``digits`` or an image folder; the student learns all its classes.
+        out: the run directory (student bundle + training checkpoint holding the teacher and mixers).
+        cfg: transfer settings.
+        model_name: the student's timm architecture (default: the teacher's).
+        img_size: the student's input side (default: the teacher's); the patch grid must match the teacher's.
+        arch: student architecture overrides (patch_size, embed_dim, depth, num_heads).
+        train_cfg: optimisation settings.
+        resume: continue a killed run in ``out``.
+    """
+    cfg = cfg or TransferConfig()
+    cfg.check()
+    train_cfg = train_cfg or TrainConfig()
+    teacher, teacher_meta = load_bundle(teacher_dir)
+    classes = source_classes(data)
+    name, kwargs = student_arch(teacher_meta, model_name, img_size, arch, len(classes))
+    pre = default_preprocessing(kwargs["img_size"], teacher_meta.preprocessing.channels)
+    if (pre.mean, pre.std) != (teacher_meta.preprocessing.mean, teacher_meta.preprocessing.std):
+        raise EdgeVitError(f"the teacher normalises with mean {teacher_meta.preprocessing.mean} and std "
+                           f"{teacher_meta.preprocessing.std}; the student would see differently normalised images")
+    torch.manual_seed(train_cfg.seed)
+    model = TransferStudent(create_vit(name, **kwargs), teacher, cfg)
+    out = prepare_run_dir(out, resume)
+    meta = BundleMeta(base=BaseArch(name=name, kwargs=kwargs), preprocessing=pre, classes=classes,
+                      data=data_ref(data))
+    train_set = load_split(data, "train", pre)
+    if cfg.data_fraction < 1.0:
+        train_set = fraction_subset(train_set, cfg.data_fraction, train_cfg.seed)
+    val_set = load_split(data, "val", pre)
+    with torch.no_grad():  # fail early, with a clear line, on maps that do not fit
+        model(train_set[0][0][None], attention_loss=True)
+    loss_fn = transfer_loss(cfg.weight, train_cfg.label_smoothing)
+    result = fit(model, train_set, train_cfg, out, loss_fn=loss_fn, val_set=val_set, resume=resume,
+                 description=f"transfer-{cfg.mode}")
+    if is_main_process():
+        model.eval()
+        deploy: dict[str, Any] = {"deployable": True}
+        if cfg.mode == "copy":
+            meta.metrics = {**split_metrics(model, meta),
+                            "how": "top-1 of the student with the teacher's attention injected (the teacher runs "
+                                   "too), torch fp32, eval mode, on the bundle's data splits",
+                            "student_alone_test_top1": round(evaluate(model.student, load_split(data, "test", pre)), 5)}
+            deploy = {"deployable": False, "needs_teacher": str(Path(teacher_dir).resolve()),
+                      "not_deployable_reason": "attention copy: the student attends with the teacher's maps, so "
+                                               "the teacher must run at inference (see edgevit.methods.transfer)"}
+        else:
+            meta.metrics = split_metrics(model.student, meta)
+        meta.metrics.update(epochs=result.epochs, steps=result.steps, train_seconds=round(result.seconds, 1),
+                            train_images=len(train_set))
+        meta.provenance = provenance("transfer", {**asdict(cfg), "train": asdict(train_cfg)}, train_cfg.seed,
+                                     teacher=str(Path(teacher_dir).resolve()),
+                                     layer_map=[[s, t] for s, t in model.pairs],
+                                     head_groups=model.groups.tolist(), **deploy)
+        save_bundle(out, model.student, meta)
+    return out
+
+
+def load_transfer(run: str | Path) -> TransferStudent:
+    """Rebuild a transfer run's teacher + student model (copy runs need it to predict) in eval mode, from
+    its bundle, its teacher bundle and its training checkpoint."""
+    meta = read_meta(run)
+    if meta.provenance.get("method") != "transfer":
+        raise EdgeVitError(f"{run} is not an attention-transfer run")
+    student, _ = load_bundle(run)
+    teacher, _ = load_bundle(meta.provenance["teacher"])
+    config = {k: v for k, v in meta.provenance["config"].items() if k != "train"}
+    model = TransferStudent(student, teacher, TransferConfig(**config))
+    ckpt = Path(run) / CHECKPOINT
+    if model.mixers is not None:
+        if not ckpt.exists():
+            raise EdgeVitError(f"{ckpt} is missing: the learned head mixers live only there")
+        state = load_checkpoint(ckpt)["model"]
+        model.mixers.load_state_dict({k.removeprefix("mixers."): v for k, v in state.items()
+                                      if k.startswith("mixers.")})
+    return model.eval()

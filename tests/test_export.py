@@ -1,0 +1,200 @@
+"""edgevit export on tiny digits bundles: parity, INT8, TensorRT-ready graphs, and clean failures."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+from edgevit.cli import main
+from edgevit.errors import EdgeVitError
+from edgevit.export import export_bundle, load_profile
+from edgevit.export.checks import check_standard_ops, run_onnx
+from edgevit.export.quantize import onnx_top1, split_arrays
+from edgevit.vit import read_meta, save_bundle
+from edgevit.vit.bundle import build_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def profile_file(tmp_path: Path, name: str, **changes) -> Path:
+    """A copy of a shipped profile with ``changes`` merged one level deep, written to ``tmp_path``."""
+    data = yaml.safe_load((REPO / "export_profiles" / f"{name}.yaml").read_text())
+    for key, value in changes.items():
+        data[key] = {**data[key], **value} if isinstance(value, dict) and isinstance(data.get(key), dict) else value
+    path = tmp_path / f"{name}-test.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
+
+
+@pytest.fixture(scope="module")
+def fp32_export(digits_bundle, tmp_path_factory):
+    out = tmp_path_factory.mktemp("exports") / "cpu-fp32"
+    return out, export_bundle(digits_bundle, "cpu-ort-fp32", out)
+
+
+def test_cpu_fp32_export_passes_parity_on_real_images(fp32_export, digits_bundle):
+    out, export = fp32_export
+    parity = export["parity"]
+    assert parity["passed"] and parity["images"] >= 64
+    assert parity["max_abs_diff"] <= 1e-4 and parity["top1_agreement"] == 1.0 and parity["cosine"] > 0.99999
+    assert export["deploy_onnx"] == "model.onnx" and export["schema_version"] == 1
+    assert export["profile"]["name"] == "cpu-ort-fp32" and export["method"] == "baseline"
+    assert export["input"]["shape"] == [-1, 1, 16, 16] and export["output"]["shape"] == [-1, 10]
+    assert json.loads((out / "export.json").read_text()) == export
+    for name, digest in export["hashes"].items():
+        assert hashlib.sha256((out / name).read_bytes()).hexdigest() == digest
+    assert (out / "bundle" / "bundle.json").read_text() == (Path(digits_bundle) / "bundle.json").read_text()
+    # ORT fuses the standard graph when the session loads it (the ORT target's transformer fusions)
+    assert any("SkipLayerNormalization" in op or "BiasGelu" in op or "Gelu" in op
+               for op in export["graph"]["ort_session_fusions"])
+
+
+def test_fp32_graph_is_standard_with_one_layernorm_op_per_norm_and_dynamic_batch(fp32_export):
+    out, export = fp32_export
+    graph = onnx.load(str(out / "model.onnx"))
+    check_standard_ops(graph, "model.onnx")
+    ops = [n.op_type for n in graph.graph.node]
+    assert ops.count("LayerNormalization") == export["graph"]["layer_norms"] == 2 * 4 + 1
+    assert "ReduceMean" not in ops and export["graph"]["opset"] >= 17
+    x = np.random.default_rng(0).standard_normal((3, 1, 16, 16), dtype=np.float32)
+    assert run_onnx(out / "model.onnx", x, batch=3).shape == (3, 10)
+
+
+def test_cpu_int8_is_within_one_point_of_fp32_on_test_split(digits_bundle, tmp_path, fp32_export):
+    export = export_bundle(digits_bundle, "cpu-ort-int8", tmp_path / "int8")
+    q = export["int8"]
+    assert export["deploy_onnx"] == "model.int8.onnx" and q["method"] == "onnxruntime-dynamic"
+    assert abs(q["delta"] - (q["int8_val_top1"] - q["fp32_val_top1"])) < 1e-12 and q["delta"] >= -0.01
+    images, labels = split_arrays(read_meta(digits_bundle), "test")
+    fp32 = onnx_top1(fp32_export[0] / "model.onnx", images, labels, 64)
+    int8 = onnx_top1(tmp_path / "int8" / "model.int8.onnx", images, labels, 64)
+    assert fp32 - int8 <= 0.01 and fp32 > 0.5
+
+
+def test_jetson_int8_is_qdq_on_matmul_with_standard_ops_and_matching_trtexec(digits_bundle, tmp_path):
+    path = profile_file(tmp_path, "jetson-orin-nano-int8", calibration={"set": "digits", "samples": 64,
+                                                                       "method": "minmax"})
+    export = export_bundle(digits_bundle, path, tmp_path / "orin")
+    out = tmp_path / "orin"
+    graph = onnx.load(str(out / "model.int8.onnx"))
+    check_standard_ops(graph, "int8")
+    consumers = {}
+    for node in graph.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, set()).add(node.op_type)
+    dq = [n for n in graph.graph.node if n.op_type == "DequantizeLinear"]
+    assert dq and set().union(*(consumers[n.output[0]] for n in dq)) <= {"MatMul", "Gemm"}
+    assert {"LayerNormalization", "Softmax"} <= {n.op_type for n in graph.graph.node}
+    q = export["int8"]
+    assert q["samples"] == 64 and q["calibration"]["set"] == "digits" and q["delta"] >= -0.01
+    assert q["quantized_nodes"] == 4 * 4 + 1  # qkv, proj, fc1, fc2 per block + head; attention BMMs stay fp
+    script = (out / "build_engine.sh").read_text()
+    line = next(s for s in script.splitlines() if s.strip().startswith('"$TRTEXEC"'))
+    t = load_profile(str(path)).tensorrt
+    for flag in ("--onnx=model.int8.onnx", "--saveEngine=engine.plan", "--stronglyTyped",
+                 f"--memPoolSize=workspace:{t.workspace_mb}M",
+                 f"--builderOptimizationLevel={t.builder_optimization_level}",
+                 f"--timingCacheFile={t.timing_cache}"):
+        assert flag in line.split()
+    assert "--fp16" not in line and "--int8" not in line and (out / "build_engine.sh").stat().st_mode & 0o100
+
+
+def test_surgery_bundles_export_with_parity(tmp_path):
+    """Prefix K/V (merged prompts), skipped attention, shallow prompt tokens and a top-k memory table all
+    lower to standard ops."""
+    from edgevit.data import data_ref, default_preprocessing
+    from edgevit.vit import SURGERY, BundleMeta
+    from edgevit.vit.bundle import BaseArch
+
+    torch.manual_seed(0)
+    surgery = [{"op": "skip_attention", "blocks": [1]}, {"op": "prefix_kv", "tokens": 3, "blocks": [0, 2]},
+               {"op": "prompt_tokens", "tokens": 2}]
+    if "memory_table" in SURGERY:
+        surgery.append({"op": "memory_table", "block": 2, "slots": 8, "topk": 3})
+    meta = BundleMeta(base=BaseArch(name="vit_tiny_patch16_224", kwargs={
+        "img_size": 16, "in_chans": 1, "num_classes": 10, "patch_size": 4, "embed_dim": 48, "depth": 3,
+        "num_heads": 3}), surgery=surgery, preprocessing=default_preprocessing(16, 1),
+        classes=[str(i) for i in range(10)], data=data_ref("digits"), provenance={"method": "test"})
+    model = build_model(meta)
+    for block in (0, 2):
+        attn = model.blocks[block].attn
+        attn.set_prefix(torch.randn_like(attn.prefix_k), torch.randn_like(attn.prefix_v))
+    model.norm_pre.prompts.data.normal_()
+    for param in getattr(model.blocks[2].attn, "memory", torch.nn.Identity()).parameters():
+        param.data.normal_()
+    save_bundle(tmp_path / "bundle", model, meta)
+    export = export_bundle(tmp_path / "bundle", "jetson-orin-nano-fp16", tmp_path / "out")
+    assert export["parity"]["passed"] and export["parity"]["max_abs_diff"] <= 1e-4
+    assert export["graph"]["layer_norms"] == 2 * 3 - 1 + 1  # block 1 lost norm1
+    check_standard_ops(onnx.load(str(tmp_path / "out" / "model.fp16.onnx")), "fp16")
+
+
+def _cli_fails(args: list[str], out: Path, match: str) -> str:
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and match in lines[0], result.output
+    assert not out.exists() and leftovers(out.parent) == []
+    return lines[0]
+
+
+def test_typo_profile_exits_2_without_output(digits_bundle, tmp_path):
+    path = profile_file(tmp_path, "cpu-ort-fp32", parity={"max_abs_dif": 1.0})
+    (tmp_path / "o").mkdir()
+    _cli_fails(["export", str(digits_bundle), "--profile", str(path), "-o", str(tmp_path / "o" / "x")],
+               tmp_path / "o" / "x", "did you mean 'max_abs_diff'")
+
+
+def test_missing_calibration_set_exits_2_without_output(digits_bundle, tmp_path):
+    path = profile_file(tmp_path, "jetson-orin-nano-int8", calibration={"set": "line7"})
+    (tmp_path / "o").mkdir()
+    _cli_fails(["export", str(digits_bundle), "--profile", str(path), "-o", str(tmp_path / "o" / "x")],
+               tmp_path / "o" / "x", "no calibration set named 'line7'")
+
+
+def test_failing_parity_exits_2_with_the_numbers_and_no_output(digits_bundle, tmp_path):
+    path = profile_file(tmp_path, "cpu-ort-fp32", parity={"max_abs_diff": 1e-12})
+    (tmp_path / "o").mkdir()
+    line = _cli_fails(["export", str(digits_bundle), "--profile", str(path), "-o", str(tmp_path / "o" / "x")],
+                      tmp_path / "o" / "x", "parity check failed on 64 val images: max abs diff")
+    assert "tolerance 1e-12" in line
+
+
+def test_too_few_calibration_images_is_a_clear_error(digits_bundle, tmp_path, monkeypatch):
+    from conftest import write_image_folder
+
+    write_image_folder(tmp_path / "cal" / "images", per_class=3, corrupt=False)
+    (tmp_path / "cal" / "few.yaml").write_text(yaml.safe_dump({"name": "few", "source": "images", "samples": 50}))
+    monkeypatch.setenv("EDGEVIT_CALIBRATION", str(tmp_path / "cal"))
+    path = profile_file(tmp_path, "jetson-orin-nano-int8", calibration={"set": "few", "samples": None})
+    with pytest.raises(EdgeVitError, match="calibration set 'few' has 9 images but 50 are needed"):
+        export_bundle(digits_bundle, path, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_existing_output_is_refused(fp32_export, digits_bundle):
+    with pytest.raises(EdgeVitError, match="already exists"):
+        export_bundle(digits_bundle, "cpu-ort-fp32", fp32_export[0])
+
+
+def test_build_without_tensorrt_points_to_build_engine_sh(fp32_export):
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("tensorrt is installed: this test covers machines without it")
+    except ImportError:
+        pass
+    result = CliRunner().invoke(main, ["build", str(fp32_export[0])])
+    assert result.exit_code == 2 and "build_engine.sh" in result.output
+    assert "tensorrt is not importable" in result.output

@@ -1,0 +1,93 @@
+"""edgevit report: tables with speed-up / accuracy change against the baseline, the Pareto plot, JSON."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from edgevit.bench.report import build_report, pareto_front
+from edgevit.bench.schema import Latency, ResultRow, append_rows
+from edgevit.cli import main
+
+CPU = {"cpu": "AMD EPYC", "device": "AMD EPYC", "threads": 2}
+# (label, method, top-1, p50 ms at batch 1): a synthetic but plausible sweep of all six methods.
+POINTS = [("base", "baseline", 0.970, 4.0), ("distilled", "transfer", 0.955, 2.1),
+          ("skip 1/3", "skip", 0.962, 2.9), ("skip 1/2", "skip", 0.931, 2.2),
+          ("continual", "continual", 0.940, 4.1), ("movit 64", "memory", 0.965, 3.4),
+          ("bpt 8", "prompts", 0.968, 4.4)]
+
+
+def _row(label, method, top1, p50, batch=1, backend="ort", machine=CPU, **extra) -> ResultRow:
+    lat = Latency(p50=p50 * batch, p90=p50 * batch * 1.1, p99=p50 * batch * 1.3, mean=p50 * batch * 1.02,
+                  iterations=200)
+    return ResultRow(artifact=f"build/{label}", method=method, label=label, backend=backend, precision="fp32",
+                     batch=batch, latency_ms=lat, throughput_ips=1e3 / (p50 * 1.02), top1=top1, top1_split="test",
+                     gflops=0.1, params=680_000, artifact_mb=2.7, threads=2, machine=machine, **extra)
+
+
+@pytest.fixture()
+def results(tmp_path):
+    rows = [_row(*p) for p in POINTS] + [_row(*p, batch=8) for p in POINTS]
+    rows.append(ResultRow(artifact="times.json", method="skip", label="skip 1/3", backend="trtexec",
+                          precision="fp16", batch=1, latency_ms=Latency(p50=0.8, p90=0.9, p99=1.0, mean=0.85,
+                                                                         iterations=500),
+                          throughput_ips=1176.0, power_w=7.5, energy_mj_per_image=6.4,
+                          machine={"device": "Jetson Orin Nano"}, source="trtexec --exportTimes + tegrastats"))
+    path = tmp_path / "results.jsonl"
+    append_rows(path, rows)
+    return path
+
+
+def test_pareto_front():
+    assert pareto_front([(1, 0.9), (2, 0.95), (3, 0.94), (2, 0.95), (0.5, 0.5)]) == [True, True, False, True, True]
+
+
+def test_report_tables_plot_and_json(results, tmp_path):
+    report = build_report(results, tmp_path / "report")
+    settings = {(s["machine"], s["backend"], s["batch"]): s for s in report["settings"]}
+    assert [s["threads"] for s in report["settings"]] == [2, 2, None]
+    assert set(settings) == {("AMD EPYC", "ort", 1), ("AMD EPYC", "ort", 8), ("Jetson Orin Nano", "trtexec", 1)}
+    rows = {r["label"]: r for r in settings["AMD EPYC", "ort", 1]["rows"]}
+    assert rows["base"]["baseline"] and rows["base"]["speedup"] == pytest.approx(1.0)
+    assert rows["distilled"]["speedup"] == pytest.approx(4.0 / 2.1, rel=1e-3)
+    assert rows["skip 1/3"]["delta_top1_pp"] == pytest.approx(-0.8)
+    assert [r["label"] for r in settings["AMD EPYC", "ort", 1]["rows"]][0] == "distilled"  # sorted by p50
+    front = {label for label, r in rows.items() if r["pareto"]}
+    assert front == {"distilled", "skip 1/3", "movit 64", "base"}  # skip 1/2, continual and bpt 8 are dominated
+    device = settings["Jetson Orin Nano", "trtexec", 1]["rows"][0]
+    assert device["top1"] is None and device["speedup"] is None and device["energy_mj_per_image"] == 6.4
+
+    md = (tmp_path / "report" / "report.md").read_text()
+    for label, *_ in POINTS:
+        assert label in md
+    assert "| ★ | distilled | transfer | 95.50% | -1.50 | 2.100 | 2.730 | 1.91× |" in md
+    assert "No baseline row in this setting" in md  # the device setting has no baseline
+    assert json.loads((tmp_path / "report" / "report.json").read_text()) == json.loads(json.dumps(report))
+    with Image.open(tmp_path / "report" / "pareto.png") as png:
+        assert png.size[0] >= 1600 and png.size[1] >= 700  # two panels, slide resolution
+
+
+def test_report_baseline_label(results, tmp_path):
+    report = build_report(results, tmp_path / "r", baseline_label="skip 1/3")
+    rows = {r["label"]: r for r in report["settings"][0]["rows"]}
+    assert rows["skip 1/3"]["baseline"] and rows["base"]["speedup"] == pytest.approx(2.9 / 4.0, rel=1e-3)
+
+
+@pytest.mark.parametrize("case", ["missing", "garbage", "label"])
+def test_report_bad_input_exit_2(case, results, tmp_path):
+    args = {"missing": [str(tmp_path / "none.jsonl")],
+            "garbage": [str(tmp_path / "bad.jsonl")],
+            "label": [str(results), "--baseline-label", "nope"]}[case]
+    (tmp_path / "bad.jsonl").write_text('{"not": "a row"}\n')
+    result = CliRunner().invoke(main, ["report", *args, "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error: ")
+
+
+def test_cli_report(results, tmp_path):
+    result = CliRunner().invoke(main, ["report", str(results), "-o", str(tmp_path / "rep")])
+    assert result.exit_code == 0, result.output
+    assert "pareto.png" in result.stdout and (tmp_path / "rep" / "pareto.png").stat().st_size > 20_000
