@@ -30,12 +30,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
+from edgevit.bench.flops import count_flops
 from edgevit.bench.latency import TimingConfig, rotation_inputs, time_torch
 from edgevit.data import fraction_subset, load_split
 from edgevit.methods.baseline import train_baseline
-from edgevit.methods.transfer import TransferConfig, TransferStudent, transfer_loss
+from edgevit.methods.transfer import TransferConfig, TransferStudent, mix_heads, soft_cross_entropy, transfer_loss
 from edgevit.train import TrainConfig, evaluate, fit
 from edgevit.vit import create_vit, load_bundle, read_meta
 
@@ -71,6 +72,20 @@ def logit_distillation_loss(temperature: float = 4.0, alpha: float = 0.5, label_
         return (1 - alpha) * ce + alpha * kl, logits
 
     return loss_fn
+
+
+@torch.no_grad()
+def map_kl(model: TransferStudent, dataset: Dataset) -> float:
+    """KL(teacher's mapped maps || student's maps), summed over transferred layers, averaged over images:
+    how well the distilled student reproduces the teacher's attention on ``dataset``."""
+    total, seen = 0.0, 0
+    for x, _ in DataLoader(dataset, batch_size=128):
+        targets = [mix_heads(model.groups, m.softmax(-1)) for m in model.teacher_logits(x)]
+        entropy = sum(soft_cross_entropy(p, p.clamp_min(1e-12).log()) for p in targets)
+        _, cross_entropy = model.eval()(x, attention_loss=True)
+        total += (cross_entropy - entropy).item() * len(x)
+        seen += len(x)
+    return total / seen
 
 
 def repeated(dataset: Dataset, times: int) -> Subset:
@@ -112,6 +127,7 @@ def run_seed(teacher_dir: Path, args: argparse.Namespace, seed: int, work: Path)
                            transfer_loss(0.0, 0.1)),
         "logit distillation": (LogitDistillation(student(), teacher), logit_distillation_loss()),
     }
+    arms = {name: arm for name, arm in arms.items() if name in args.arms}
     row = {}
     for name, (model, loss_fn) in arms.items():
         out = work / f"{name.replace(' ', '-')}-{seed}"
@@ -121,14 +137,25 @@ def run_seed(teacher_dir: Path, args: argparse.Namespace, seed: int, work: Path)
         row[name] = evaluate(model, test_set)
         print(f"seed {seed} {name:24s} test top-1 {row[name]:.4f} ({time.perf_counter() - start:.0f} s, "
               f"{len(subset)} images)", flush=True)
+        if name == "attention distillation":
+            row["kl_train"], row["kl_test"] = map_kl(model, subset), map_kl(model, test_set)
+            print(f"seed {seed} attention-map KL to the teacher: train {row['kl_train']:.3f}, "
+                  f"test {row['kl_test']:.3f}", flush=True)
     row["_images"] = len(subset)
     row["_models"] = {name: model for name, (model, _) in arms.items()}
     return row
 
 
-def latency_ms(model: nn.Module, size: int) -> float:
+def latencies_ms(models: dict[str, nn.Module], size: int, rounds: int = 9) -> dict[str, float]:
+    """Batch-1 p50 per model: the best of ``rounds`` interleaved timings, so a load spike from another process
+    on a shared machine hits neither model more than the other."""
     inputs = rotation_inputs((1, 1, size, size))
-    return time_torch(model, inputs, threads=1, cfg=TimingConfig(warmup=20, seconds=2.0)).p50
+    best = dict.fromkeys(models, math.inf)
+    for _ in range(rounds):
+        for name, model in models.items():
+            p50 = time_torch(model, inputs, threads=1, cfg=TimingConfig(warmup=10, seconds=0.3)).p50
+            best[name] = min(best[name], p50)
+    return best
 
 
 def main() -> None:
@@ -144,7 +171,9 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=3, help="transferred student layers")
     parser.add_argument("--weight", type=float, default=3.0)
     parser.add_argument("--head-map", default="average", choices=["average", "learned"])
+    parser.add_argument("--arms", default="scratch,attention distillation,attention copy,logit distillation")
     args = parser.parse_args()
+    args.arms = args.arms.split(",")
     width, depth, heads = (int(v) for v in args.student.split(","))
     args.student_arch = {"embed_dim": width, "depth": depth, "num_heads": heads}
     torch.set_num_threads(1)
@@ -164,8 +193,13 @@ def main() -> None:
         size = teacher_meta.preprocessing.size
         teacher, _ = load_bundle(teacher_dir)
         models = rows[-1]["_models"]
-        latency = {"teacher": latency_ms(teacher, size), "student": latency_ms(models["scratch"], size),
-                   "attention copy": latency_ms(models["attention copy"], size)}
+        # every deployable student has the same graph: time one of them
+        student = create_vit(teacher_meta.base.name, **{**teacher_meta.base.kwargs, **args.student_arch})
+        timed = {"teacher": teacher, "student": student}
+        if "attention copy" in models:
+            timed["attention copy"] = models["attention copy"]
+        latency = latencies_ms(timed, size)
+        mflops = {name: count_flops(model, (1, 1, size, size)) / 1e6 for name, model in timed.items()}
         total = time.perf_counter() - start
 
     arch = args.student_arch
@@ -174,17 +208,25 @@ def main() -> None:
           f"{arch['embed_dim']}, depth {arch['depth']}, {arch['num_heads']} heads, trained on {args.fraction:.0%} "
           f"({rows[0]['_images']} images), {args.steps} steps; transferred layers {args.layers}, weight "
           f"{args.weight}, head map {args.head_map}; seeds {args.seeds}; total {total:.0f} s\n")
-    print("| model | test top-1 (mean ± std) | per seed | CPU latency b1 (ms) | latency vs teacher |")
-    print("|---|---|---|---|---|")
+    print("| model | test top-1 (mean ± std) | per seed | MFLOPs | CPU latency b1 (ms) | latency vs teacher |")
+    print("|---|---|---|---|---|---|")
     t_top1 = teacher_meta.metrics["test_top1"]
-    print(f"| teacher (full train split) | {100 * t_top1:.1f} | - | {latency['teacher']:.3f} | 1.00 |")
-    for name in ("scratch", "attention distillation", "attention copy", "logit distillation"):
+    print(f"| teacher (full train split) | {100 * t_top1:.1f} | - | {mflops['teacher']:.2f} | "
+          f"{latency['teacher']:.3f} | 1.00 |")
+    for name in args.arms:
         accs = [100 * r[name] for r in rows]
         std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        ms = latency["attention copy" if name == "attention copy" else "student"]
+        timed_as = "attention copy" if name == "attention copy" else "student"
+        ms = latency[timed_as]
         note = " (+ teacher, not deployable)" if name == "attention copy" else ""
         print(f"| student, {name}{note} | {statistics.mean(accs):.1f} ± {std:.1f} | "
-              f"{', '.join(f'{a:.1f}' for a in accs)} | {ms:.3f} | {ms / latency['teacher']:.2f} |")
+              f"{', '.join(f'{a:.1f}' for a in accs)} | {mflops[timed_as]:.2f} | {ms:.3f} | "
+              f"{ms / latency['teacher']:.2f} |")
+
+    if "kl_test" in rows[0]:
+        train_kl, test_kl = (statistics.mean(r[k] for r in rows) for k in ("kl_train", "kl_test"))
+        print(f"\nattention-map KL(teacher || distilled student), summed over transferred layers: train "
+              f"{train_kl:.3f}, test {test_kl:.3f}")
 
 
 if __name__ == "__main__":

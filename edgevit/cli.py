@@ -588,18 +588,20 @@ def _ratio(value: str | None) -> float | None:
                    "random: seeded control. Default cosine; with --sweep, limits the sweep to one strategy.")
 @click.option("--heal-epochs", default=5, show_default=True, type=int,
               help="Healing fine-tune of the remaining weights (0: remove only).")
-@click.option("--lr", default=3e-4, show_default=True, type=float, help="Healing peak learning rate.")
+@click.option("--lr", default=2e-4, show_default=True, type=float, help="Healing peak learning rate.")
 @click.option("--batch-size", default=64, show_default=True, type=int)
 @click.option("--calib", default=64, show_default=True, type=int,
               help="Class-balanced training images the cosine scores are measured on.")
+@click.option("--distill", default=0.5, show_default=True, type=float,
+              help="Healing loss: (1 - W) * cross-entropy + W * KL(unpruned model || pruned model).")
 @click.option("--sweep", is_flag=True, help="Ratios 0, 1/6, 1/3, 1/2 x every strategy, before/after healing, "
                                             "with ORT CPU latency: result rows in OUT/sweep.jsonl.")
 @click.option("--threads", default=2, show_default=True, type=int, help="--sweep: ORT CPU threads for latency.")
 @seed_option
 @resume_option
 @json_option
-def train_skip_cmd(model_run, data, out, ratio, blocks, select, heal_epochs, lr, batch_size, calib, sweep, threads,
-                   seed, resume, as_json):
+def train_skip_cmd(model_run, data, out, ratio, blocks, select, heal_epochs, lr, batch_size, calib, distill, sweep,
+                   threads, seed, resume, as_json):
     """Remove attention sub-layers (LayerNorm, qkv, proj, LayerScale) from a bundle, then heal it.
 
     \b
@@ -612,7 +614,8 @@ def train_skip_cmd(model_run, data, out, ratio, blocks, select, heal_epochs, lr,
 
     train_cfg = _train_config(heal_epochs, lr, batch_size, seed, data, warmup_epochs=min(0.5, heal_epochs))
     if not sweep:
-        cfg = skip.SkipConfig(select=select or "cosine", ratio=_ratio(ratio), blocks=_ints(blocks), calib=calib)
+        cfg = skip.SkipConfig(select=select or "cosine", ratio=_ratio(ratio), blocks=_ints(blocks), calib=calib,
+                              distill=distill)
         skip.train_skip(model_run, data, out, cfg, train_cfg, resume=resume)
         _report_bundle(out, as_json)
         return
@@ -621,7 +624,7 @@ def train_skip_cmd(model_run, data, out, ratio, blocks, select, heal_epochs, lr,
     from edgevit.bench.schema import read_rows
 
     results = skip.sweep_skip(model_run, data, out, train_cfg, selects=[select] if select else skip.SELECTIONS,
-                              calib=calib, threads=threads, resume=resume)
+                              calib=calib, distill=distill, threads=threads, resume=resume)
     rows = read_rows(results)
     text = "\n".join(f"{r.label:28s} top-1 {r.top1:.4f}  p50 {r.latency_ms.p50:8.3f} ms  blocks "
                      f"{r.settings['blocks']}" for r in rows) + f"\nwrote {results}"

@@ -69,3 +69,122 @@ def test_build_engine_on_gpu(gpu, digits_bundle, tmp_path, profile):
     (tmp_path / "out" / ENGINE_JSON).write_text(json.dumps(stale))
     with pytest.raises(EdgeVitError, match="built with TensorRT 9.9.9"):
         load_engine(tmp_path / "out")
+
+
+class _Recorder:
+    """A stand-in for the parts of the tensorrt module ``build_engine`` uses; records what it is asked."""
+
+    def __init__(self, version: str, dla_cores: int = 0) -> None:
+        from types import SimpleNamespace as NS
+
+        self.__version__ = version
+        self.calls: dict = {"flags": [], "shapes": None, "network_flags": None, "device": None, "dla": None}
+        calls = self.calls
+        self.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda s, level=None: None})
+        self.NetworkDefinitionCreationFlag = NS(STRONGLY_TYPED=5)
+        self.MemoryPoolType = NS(WORKSPACE="workspace")
+        self.ProfilingVerbosity = NS(DETAILED="detailed")
+        self.BuilderFlag = NS(FP16="FP16", INT8="INT8", GPU_FALLBACK="GPU_FALLBACK")
+        self.DeviceType = NS(DLA="DLA")
+        self.LayerInformationFormat = NS(JSON="json")
+
+        class Config:
+            def set_memory_pool_limit(self, pool, size):
+                calls["workspace"] = size
+
+            def set_flag(self, flag):
+                calls["flags"].append(flag)
+
+            def add_optimization_profile(self, profile):
+                calls["shapes"] = profile.shapes
+
+            def create_timing_cache(self, data):
+                return data
+
+            def set_timing_cache(self, cache, ignore_mismatch):
+                calls["cache_in"] = cache
+
+            def get_timing_cache(self):
+                return NS(serialize=lambda: b"cache")
+
+            def __setattr__(self, name, value):
+                calls[name] = value
+
+        class Profile:
+            def set_shape(self, name, *shapes):
+                self.shapes = shapes
+
+        class Network:
+            def get_input(self, i):
+                return NS(name="input", shape=(-1, 1, 16, 16))
+
+        class Builder:
+            num_DLA_cores = dla_cores
+
+            def __init__(self, logger):
+                pass
+
+            def create_network(self, flags):
+                calls["network_flags"] = flags
+                return Network()
+
+            def create_builder_config(self):
+                return Config()
+
+            def create_optimization_profile(self):
+                return Profile()
+
+            def build_serialized_network(self, network, config):
+                return b"engine-bytes"
+
+        class Parser:
+            num_errors = 0
+
+            def __init__(self, network, logger):
+                pass
+
+            def parse_from_file(self, path):
+                calls["onnx"] = path.rsplit("/", 1)[-1]
+                return True
+
+        engine = NS(create_engine_inspector=lambda: NS(get_engine_information=lambda fmt: '{"Layers": []}'))
+        self.Builder, self.OnnxParser = Builder, Parser
+        self.Runtime = lambda logger: NS(deserialize_cuda_engine=lambda data: engine)
+
+
+@pytest.fixture(scope="module")
+def fp16_export(digits_bundle, tmp_path_factory):
+    from edgevit.export import export_bundle
+
+    out = tmp_path_factory.mktemp("trt") / "out"
+    export_bundle(digits_bundle, "desktop-gpu-fp16", out)
+    return out
+
+
+@pytest.mark.parametrize(("version", "onnx_name", "strongly_typed", "flags"), [
+    ("10.3.0", "model.onnx", False, ["FP16"]),
+    ("11.0.0", "model.fp16.onnx", True, []),
+])
+def test_build_engine_flow_on_tensorrt_10_and_11(fp16_export, monkeypatch, version, onnx_name, strongly_typed,
+                                                 flags):
+    """The builder's decisions, checked against a recording stand-in for tensorrt (no GPU needed)."""
+    import sys
+
+    from edgevit.export import tensorrt as trt_export
+
+    out = fp16_export
+    fake = _Recorder(version)
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    monkeypatch.setattr(trt_export, "gpu_info", lambda: {"gpu_name": "Fake GPU", "compute_capability": "8.9"})
+    info = trt_export.build_engine(out)
+    calls = fake.calls
+    assert calls["onnx"] == onnx_name and calls["flags"] == flags
+    assert calls["network_flags"] == (1 << 5 if strongly_typed else 0)
+    assert calls["shapes"] == ((1, 1, 16, 16), (8, 1, 16, 16), (32, 1, 16, 16))
+    assert calls["workspace"] == 4096 << 20 and calls["builder_optimization_level"] == 4
+    assert (out / "engine.plan").read_bytes() == b"engine-bytes" and (out / "timing.cache").read_bytes() == b"cache"
+    saved = json.loads((out / ENGINE_JSON).read_text())
+    assert saved == info and saved["trt_version"] == version and saved["onnx_sha256"] == sha256(out / onnx_name)
+    assert json.loads((out / "engine_inspector.json").read_text()) == {"Layers": []}
+    here = {"trt_version": version, "gpu_name": "Fake GPU", "compute_capability": "8.9"}
+    assert check_engine_compatible(out / ENGINE_JSON, here)["onnx"] == onnx_name

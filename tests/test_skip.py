@@ -191,6 +191,12 @@ def test_train_skip_writes_a_healed_bundle(digits_bundle, tmp_path):
         expected = model(images).numpy()
     got = ort.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"]).run(None, {"x": images.numpy()})
     np.testing.assert_allclose(got[0], expected, atol=1e-4)
+    # Killed before the bundle was written: --resume reuses the recorded selection and healed checkpoint.
+    (out / "bundle.json").unlink()
+    (out / "model.safetensors").unlink()
+    train_skip(digits_bundle, "digits", out, SkipConfig(select="cosine", ratio=0.5, calib=40), HEAL, resume=True)
+    _, resumed = load_bundle(out)
+    assert resumed.surgery == meta.surgery and resumed.metrics["test_top1"] == meta.metrics["test_top1"]
 
 
 def test_cli_skip_and_its_errors(digits_bundle, tmp_path):

@@ -175,7 +175,7 @@ def test_cli_end_to_end(digits_bundle, tmp_path):
     model, meta = load_bundle(out)  # a plain student bundle
     assert meta.surgery == [] and meta.base.kwargs["embed_dim"] == 24 and len(model.blocks) == 3
     assert meta.provenance["method"] == "transfer" and meta.provenance["deployable"] is True
-    assert meta.provenance["layer_map"] == [[0, 1], [1, 2]]  # 3 student layers of a 4-layer teacher
+    assert meta.provenance["layer_map"] == [[0, 0], [1, 2]]  # round(4/3)-1, round(8/3)-1: 3 of a 4-layer teacher
     assert meta.metrics["train_images"] == 378
 
     resumed = runner.invoke(main, ["train", "transfer", *common, "-o", str(out), "--resume"])

@@ -92,7 +92,6 @@ class Backend(ABC):
     precision: str
     measured_files: list[Path]
     timer: type[Timer] = WallTimer
-    uses_cuda: bool = False
     # Device memory the runtime allocates outside torch's allocator (TensorRT activations), in MB.
     private_memory_mb: float = 0.0
 
@@ -127,8 +126,7 @@ class TorchBackend(Backend):
         self.device = device
         self.model = load_bundle(artifact.bundle_dir)[0].to(device)
         self.measured_files = [artifact.bundle_dir / WEIGHTS]
-        self.uses_cuda = device.startswith("cuda")
-        self.timer = CudaEventTimer if self.uses_cuda else WallTimer
+        self.timer = CudaEventTimer if device.startswith("cuda") else WallTimer
 
     def to_native(self, x: np.ndarray):
         import torch
@@ -191,7 +189,6 @@ class TrtBackend(Backend):
     """``engine.plan`` in TensorRT 10+ (tensor-address API), I/O buffers in torch CUDA memory."""
 
     name = "trt"
-    uses_cuda = True
     timer = CudaEventTimer
 
     def __init__(self, artifact: Artifact) -> None:

@@ -119,8 +119,11 @@ class SlotMemory(nn.Module):
         super().__init__()
         counts = torch.bincount(torch.as_tensor(targets, dtype=torch.long), minlength=num_classes)
         budget = min(slots, len(targets))
-        per_class = torch.minimum(counts, (counts * budget) // max(1, len(targets)))
-        per_class = torch.where(counts > 0, per_class.clamp(min=1), 0)
+        share = counts * budget / max(1, len(targets))
+        per_class = torch.where(counts > 0, share.floor().long().clamp(min=1), 0)
+        # Largest remainders get the slots that flooring left over, so the memory has exactly `budget` rows.
+        for c in torch.argsort(share - share.floor(), descending=True)[:max(0, budget - int(per_class.sum()))]:
+            per_class[c] += 1
         self.register_buffer("class_slots", per_class)
         self.register_buffer("class_start", torch.cumsum(per_class, 0) - per_class)
         self.register_buffer("cursor", torch.zeros(num_classes, dtype=torch.long))

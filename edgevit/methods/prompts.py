@@ -467,11 +467,11 @@ def train_prompts(
     """
     cfg = cfg or PromptConfig()
     train_cfg = train_cfg or TrainConfig(augment="shift" if data == "digits" else "shift-flip")
-    out = prepare_run_dir(out, resume)
     vit, meta = load_bundle(model_run)
     check_backbone(vit, meta)
     classes = downstream_classes(meta, data, classes)
     cfg = cfg.resolved(vit.embed_dim, len(attention_blocks(vit)) if cfg.deep else 1)
+    out = prepare_run_dir(out, resume)  # after the checks: a refused run leaves nothing behind
     pre = meta.preprocessing
     train_set = load_split(data, "train", pre, classes)
     val_set = load_split(data, "val", pre, classes)

@@ -8,9 +8,11 @@ Paper vs ours:
   calibration data by ``mean_tokens cos(X, X + Attn(LN(X)))`` and drop the ``k`` most similar ones (the
   sub-layers that change their input least): strategy ``cosine``. The scores are taken once, on the
   unpruned model.
-* [ours] ``random`` (seeded) is the control; an optional healing fine-tune of every remaining weight with
-  the shared training loop; ``cosine`` and ``random`` may pick any block (MLP Can Be A Good Transformer
-  Learner finds early ViT layers the removable ones), ``last`` never drops the final block.
+* [ours] ``random`` (seeded) is the control; ``cosine`` and ``random`` may pick any block (MLP Can Be A
+  Good Transformer Learner finds early ViT layers the removable ones), ``last`` never drops the final block.
+  An optional healing fine-tune of every remaining weight runs in the shared training loop, by default
+  partly distilled from the unpruned model (``distill``: the weight of ``KL(teacher || student)`` against
+  cross-entropy), which keeps a barely pruned model where it was instead of restarting its optimisation.
 * [ours] ``cosine-pooled``: the same score averaged only over the tokens the classifier reads (the class
   token, or the patch tokens under average pooling). An LLM has no class token; in a ViT the mean over
   all tokens is dominated by patch tokens and can miss a sub-layer that is the class token's main input:
@@ -39,6 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 from torch.utils.data import Dataset
 
 from edgevit.bench.flops import count_flops, count_params
@@ -47,8 +50,10 @@ from edgevit.bench.schema import Latency, ResultRow, append_rows, machine_info, 
 from edgevit.data import calibration_batch, data_ref, load_split, source_classes
 from edgevit.errors import EdgeVitError
 from edgevit.train import TrainConfig, fit, is_main_process
+from edgevit.train.loop import LossFn
 from edgevit.train.run import prepare_run_dir, provenance, split_metrics
 from edgevit.vit import BundleMeta, apply_surgery, load_bundle, save_bundle
+from edgevit.vit.bundle import atomic_write_json
 from edgevit.vit.surgery import MlpOnlyBlock
 
 log = logging.getLogger("edgevit")
@@ -74,12 +79,15 @@ class SkipConfig:
             1/3 when ``blocks`` is not given either.
         blocks: remove exactly these blocks instead of selecting (``select`` is then ignored).
         calib: class-balanced training images the cosine scores are measured on.
+        distill: healing loss ``(1 - distill) * CE + distill * KL(unpruned || pruned)`` on class
+            distributions (0: plain cross-entropy).
     """
 
     select: str = "cosine"
     ratio: float | None = None
     blocks: list[int] | None = None
     calib: int = 64
+    distill: float = 0.5
 
     def check(self) -> None:
         if self.select not in SELECTIONS:
@@ -90,6 +98,8 @@ class SkipConfig:
             raise EdgeVitError(f"--ratio must be in [0, 1), got {self.ratio}")
         if self.calib < 1:
             raise EdgeVitError(f"--calib must be positive, got {self.calib}")
+        if not 0 <= self.distill <= 1:
+            raise EdgeVitError(f"--distill must be in [0, 1], got {self.distill}")
 
 
 def attention_blocks(model: VisionTransformer) -> list[int]:
@@ -218,8 +228,7 @@ def skip_op(blocks: Sequence[int]) -> list[dict]:
 
 
 def skipped(model: VisionTransformer, blocks: Sequence[int]) -> VisionTransformer:
-    """A copy of ``model`` without the attention sub-layers of ``blocks`` (remaining weights shared
-    by value, not by reference)."""
+    """A deep copy of ``model`` without the attention sub-layers of ``blocks`` (``model`` is left whole)."""
     return apply_surgery(copy.deepcopy(model), skip_op(blocks))
 
 
@@ -256,6 +265,27 @@ def _load_selection(path: Path) -> Selection:
     return Selection(**raw)
 
 
+def heal_loss(teacher: VisionTransformer, distill: float, label_smoothing: float) -> LossFn:
+    """``loss_fn`` for :func:`edgevit.train.fit`: ``(1 - distill) * CE + distill * KL(teacher || student)``.
+
+    The teacher (the unpruned model, frozen, eval mode) lives outside the trained module: it is the
+    bundle the run started from, so the checkpoint need not carry it.
+    """
+    teacher.eval().requires_grad_(False)
+
+    def loss_fn(model: nn.Module, images: torch.Tensor, labels: torch.Tensor):
+        logits = model(images)
+        loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+        if distill == 0:
+            return loss, logits
+        with torch.no_grad():
+            target = teacher.to(images.device)(images).float().log_softmax(-1)
+        kl = F.kl_div(logits.float().log_softmax(-1), target, log_target=True, reduction="batchmean")
+        return (1 - distill) * loss + distill * kl, logits
+
+    return loss_fn
+
+
 def _rounded(scores: dict[int, float]) -> dict[str, float]:
     return {str(b): round(s, 6) for b, s in scores.items()}
 
@@ -288,19 +318,22 @@ def train_skip(
     """
     cfg = cfg or SkipConfig()
     cfg.check()
-    train_cfg = train_cfg or TrainConfig(epochs=5, lr=3e-4, warmup_epochs=0.5)
-    out = prepare_run_dir(out, resume)
+    train_cfg = train_cfg or TrainConfig(epochs=5, lr=2e-4, warmup_epochs=0.5)
+    # A run killed during its first healing epoch has a selection but no checkpoint yet: still resumable.
+    selected = resume and (Path(out) / SELECTION_FILE).exists()
+    out = Path(out) if selected else prepare_run_dir(out, resume)
     model, meta = prepare_skip(model_dir, data)
     base_test = meta.metrics.get("test_top1")
     train_set = load_split(data, "train", meta.preprocessing, meta.classes)
 
     selection_path = out / SELECTION_FILE
-    if resume and selection_path.exists():
+    if selected:
         selection = _load_selection(selection_path)
     else:
         selection = choose(model, cfg, train_set, train_cfg.seed)
         if is_main_process():
-            selection_path.write_text(json.dumps(asdict(selection), indent=2) + "\n")
+            atomic_write_json(selection_path, asdict(selection))
+    teacher = copy.deepcopy(model) if cfg.distill > 0 and train_cfg.epochs > 0 else None
     apply_surgery(model, skip_op(selection.blocks))
     meta.surgery = [*meta.surgery, *skip_op(selection.blocks)]
     if is_main_process():
@@ -310,7 +343,9 @@ def train_skip(
     result = None
     if train_cfg.epochs > 0:
         val_set = load_split(data, "val", meta.preprocessing, meta.classes)
-        result = fit(model, train_set, train_cfg, out, val_set=val_set, resume=resume, description="skip heal")
+        loss_fn = heal_loss(teacher, cfg.distill, train_cfg.label_smoothing) if teacher else None
+        result = fit(model, train_set, train_cfg, out, loss_fn=loss_fn, val_set=val_set, resume=resume,
+                     description="skip heal")
     if is_main_process():
         after = split_metrics(model, meta) if result else before
         meta.metrics = {**after, "before_heal": {k: v for k, v in before.items() if k != "how"},
@@ -375,6 +410,7 @@ def sweep_skip(
         ratios: Sequence[float] = SWEEP_RATIOS,
         selects: Sequence[str] = SELECTIONS,
         calib: int = 64,
+        distill: float = 0.5,
         threads: int = 2,
         timing: TimingConfig = SWEEP_TIMING,
         resume: bool = False,
@@ -394,6 +430,7 @@ def sweep_skip(
         ratios: fractions of attention sub-layers to remove (rounded to whole blocks; duplicates merged).
         selects: the strategies to compare.
         calib: calibration images for the cosine scores.
+        distill: the healing loss's distillation weight (see :class:`SkipConfig`).
         threads: ONNX Runtime intra-op threads for latency.
         timing: warm-up and iterations of each latency measurement.
         resume: continue a killed sweep in ``out``.
@@ -413,7 +450,8 @@ def sweep_skip(
 
     def settings(select: str, k: int, blocks: list[int], healed: bool) -> dict:
         return {"select": select, "ratio": round(k / total, 4), "removed": k, "of": total, "blocks": blocks,
-                "healed": healed, "heal_epochs": train_cfg.epochs if healed else 0}
+                "healed": healed, "heal_epochs": train_cfg.epochs if healed else 0,
+                "distill": distill if healed else None}
 
     if 0 in counts and "baseline" not in done:
         append_rows(results, [_row(str(model_dir), "baseline", "baseline", settings("none", 0, [], False),
@@ -437,8 +475,9 @@ def sweep_skip(
             run_dir = out / f"{select}-{k}of{total}"
             # The same strategy, ratio, calibration and seed: train_skip picks the same blocks (and records
             # its scores in the bundle) rather than being handed a bare list.
-            cfg = SkipConfig(select="cosine" if select == "none" else select, ratio=k / total, calib=calib)
-            train_skip(model_dir, data, run_dir, cfg, train_cfg, resume=resume and run_dir.exists())
+            cfg = SkipConfig(select="cosine" if select == "none" else select, ratio=k / total, calib=calib,
+                             distill=distill)
+            train_skip(model_dir, data, run_dir, cfg, train_cfg, resume=resume and any(run_dir.glob("*")))
             healed, healed_meta = load_bundle(run_dir)
             blocks = healed_meta.metrics["removed_blocks"]
             rows.append(_row(str(run_dir), "skip", f"{name} healed", settings(select, k, blocks, True),

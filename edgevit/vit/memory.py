@@ -91,8 +91,8 @@ class MemoryTable(nn.Module):
         return g * self.read(q) + (1 - g) * out
 
     def table_bytes(self) -> int:
-        """Bytes of constants this table adds to the graph (keys, values, bias, gate), at fp32."""
-        return sum(p.numel() for p in self.parameters()) * 4
+        """Bytes of the table's rows (keys, values, bias) at fp32; the gate adds ``4*H`` bytes to any table."""
+        return (self.keys.numel() + self.values.numel() + self.bias.numel()) * 4
 
     def extra_repr(self) -> str:
         heads, slots, d = self.keys.shape
