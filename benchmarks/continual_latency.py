@@ -9,7 +9,8 @@ For each architecture (``vit_tiny_patch16_224`` at 224 px and the digits ViT at 
 
 All three are exported with ``torch.onnx.export`` (TorchScript exporter, opset 17, batch 1) and timed in
 interleaved rounds (each round times every model for ``--seconds``; the median of the rounds' p50 is
-reported) so that load from other processes on a shared machine hits all of them alike.
+reported; the order alternates between rounds) so that load from other processes on a shared machine hits
+all of them alike.
 
 Example:
     OMP_NUM_THREADS=1 python benchmarks/continual_latency.py --threads 1 --rounds 5 --seconds 1
@@ -95,8 +96,9 @@ def main() -> None:
                 Counter(n.op_type for n in graphs["base"].graph.node)
             inputs = rotation_inputs((1, chans, size, size))
             p50s: dict[str, list[float]] = {form: [] for form in models}
-            for _ in range(args.rounds):
-                for form, session in sessions.items():
+            for r in range(args.rounds):
+                order = list(sessions.items())
+                for form, session in order[::-1] if r % 2 else order:  # alternate who goes first
                     feeds = [{"input": x} for x in inputs]
                     p50s[form].append(time_loop(lambda i, s=session, f=feeds: s.run(None, f[i % len(f)]), cfg).p50)
             base = statistics.median(p50s["base"])

@@ -13,7 +13,7 @@ lr, augmentation, seed):
 * logit distillation (Hinton): ``0.5 * CE + 0.5 * T^2 KL(teacher || student)`` at ``T = 4``.
 
 Prints test top-1 mean +- std over seeds and torch CPU latency at batch 1 (one thread) as a markdown table.
-~8-10 min on one core including the teacher (pass ``--teacher RUN`` to reuse one):
+About 3 min of CPU time on one core including the teacher (pass ``--teacher RUN`` to reuse one):
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/study_transfer.py
 """

@@ -629,3 +629,21 @@ def train_skip_cmd(model_run, data, out, ratio, blocks, select, heal_epochs, lr,
     text = "\n".join(f"{r.label:28s} top-1 {r.top1:.4f}  p50 {r.latency_ms.p50:8.3f} ms  blocks "
                      f"{r.settings['blocks']}" for r in rows) + f"\nwrote {results}"
     _emit({"results": str(results), "rows": [r.model_dump(exclude_none=True) for r in rows]}, as_json, text)
+
+
+@main.command("demo")
+@click.option("-o", "--out", default="demo", show_default=True, type=click.Path(file_okay=False),
+              help="Directory for runs, exports, results and the report.")
+def demo_cmd(out):
+    """The whole pipeline on the embedded digits, offline: train the baseline and the five methods, export
+    each for the CPU (fp32, int8) and the Jetson Orin Nano (int8), profile, report. Re-running skips
+    finished steps and resumes an interrupted one.
+
+    \b
+    Example:
+      edgevit demo -o demo
+    """
+    from edgevit.demo import run_demo
+
+    report = run_demo(out)
+    click.echo(f"report: {report / 'report.md'} and {report / 'pareto.png'}")

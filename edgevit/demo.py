@@ -91,3 +91,127 @@ def run_steps(steps: list[Step], state_path: Path) -> dict[str, dict]:
         atomic_write_json(state_path, state)
         console.print(f"[green]{step.name}: done in {seconds:.0f} s (total {time.perf_counter() - start:.0f} s)")
     return state
+
+
+def _train_cfg(epochs: int, lr: float = 1e-3, **overrides):
+    from edgevit.train import TrainConfig
+
+    return TrainConfig(epochs=epochs, lr=lr, seed=0, **overrides)
+
+
+def plan(root: Path) -> tuple[list[Step], dict[str, Path]]:
+    """The demo's steps, and the bundles it profiles keyed by their report label."""
+    from edgevit.methods.baseline import train_baseline
+    from edgevit.methods.continual import ContinualConfig, train_continual
+    from edgevit.methods.memory import MemoryConfig, train_memory
+    from edgevit.methods.prompts import PromptConfig, train_prompts
+    from edgevit.methods.skip import SkipConfig, train_skip
+    from edgevit.methods.transfer import TransferConfig, train_transfer
+
+    runs = root / "runs"
+    base, upstream = runs / "baseline", runs / "upstream-0-4"
+    student = {"embed_dim": 64, "depth": 4, "num_heads": 2}
+    training = [
+        ("baseline", base, [], {"epochs": 30},
+         lambda r: train_baseline("digits", base, cfg=_train_cfg(30), resume=r)),
+        ("upstream backbone (digits 0-4)", upstream, [], {"epochs": 30},
+         lambda r: train_baseline("digits", upstream, classes=UPSTREAM_CLASSES, cfg=_train_cfg(30), resume=r)),
+        ("transfer: attention-distilled student", runs / "transfer", [base], {"epochs": 30, **student},
+         lambda r: train_transfer(base, "digits", runs / "transfer", TransferConfig(mode="distill"), arch=student,
+                                  train_cfg=_train_cfg(30), resume=r)),
+        ("skip: cosine, a third of attention removed", runs / "skip", [base], {"ratio": 1 / 3, "heal": 5},
+         lambda r: train_skip(base, "digits", runs / "skip", SkipConfig(select="cosine", ratio=1 / 3),
+                              train_cfg=_train_cfg(5, lr=3e-4), resume=r)),
+        ("continual: DATA on digits 5-9", runs / "continual", [upstream], {"tasks": 2, "epochs": 8},
+         lambda r: train_continual(upstream, "digits", runs / "continual", ContinualConfig(tasks=2),
+                                   train_cfg=_train_cfg(8, lr=3e-3), classes=DOWNSTREAM_CLASSES, resume=r)),
+        ("memory: MoViT table", runs / "memory", [base], {"prototypes": 64, "epochs": 5},
+         lambda r: train_memory(base, "digits", runs / "memory", MemoryConfig(prototypes=64),
+                                train_cfg=_train_cfg(5, lr=5e-4), resume=r)),
+        ("prompts: BPT deep, merged", runs / "prompts", [upstream], {"epochs": 10},
+         lambda r: train_prompts(upstream, "digits", runs / "prompts", PromptConfig(deep=True),
+                                 train_cfg=_train_cfg(10, lr=1e-2), classes=DOWNSTREAM_CLASSES, resume=r)),
+    ]
+    steps = [Step(name, out, fn, settings, reads) for name, out, reads, settings, fn in training]
+    bundles = {
+        "baseline": base,
+        "transfer student": runs / "transfer",
+        "skip cosine 1/3": runs / "skip",
+        "DATA merged (0-4 -> 5-9)": runs / "continual",
+        "DATA exact (0-4 -> 5-9)": runs / "continual" / "exact",
+        "MoViT table P=64": runs / "memory",
+        "BPT deep merged (0-4 -> 5-9)": runs / "prompts",
+    }
+    return steps + _export_steps(root, bundles) + _measure_steps(root, bundles), bundles
+
+
+def _export_dir(root: Path, label: str, profile: str) -> Path:
+    return root / "exports" / label.split(" (")[0].replace(" ", "-").replace("/", "_") / profile
+
+
+def _export_steps(root: Path, bundles: dict[str, Path]) -> list[Step]:
+    from edgevit.export.pipeline import export_bundle
+
+    steps = []
+    for label, run in bundles.items():
+        for profile in (*CPU_PROFILES, DEVICE_PROFILE):
+            out = _export_dir(root, label, profile)
+            steps.append(Step(f"export {label} -> {profile}", out,
+                              lambda r, run=run, profile=profile, out=out: export_bundle(run, profile, out),
+                              {"profile": profile}, [run]))
+    return steps
+
+
+def _measure_steps(root: Path, bundles: dict[str, Path]) -> list[Step]:
+    from edgevit.bench.profile import ProfileConfig, profile_artifacts
+    from edgevit.bench.report import build_report
+    from edgevit.bench.schema import ResultRow
+
+    exports = [(f"{label} {profile.split('-')[-1]}", _export_dir(root, label, profile))
+               for label in bundles for profile in CPU_PROFILES]
+    results, report = root / "results.jsonl", root / "report"
+
+    def profile(resume: bool) -> None:
+        cfg = ProfileConfig(backend="ort", threads=THREADS)
+        rows: list[ResultRow] = profile_artifacts([p for _, p in exports], cfg, labels=[lb for lb, _ in exports])
+        tmp = results.with_suffix(".tmp")
+        tmp.write_text("".join(row.model_dump_json(exclude_none=True) + "\n" for row in rows))
+        tmp.replace(results)
+
+    return [
+        Step("profile CPU exports (ONNX Runtime, batch 1)", results, profile, {"threads": THREADS},
+             [p for _, p in exports]),
+        Step("report", report, lambda r: build_report(results, report), {},
+             [results]),
+    ]
+
+
+def summary(root: Path) -> Table:
+    """The demo's closing table: where each method landed and which points are on the Pareto front."""
+    report = json.loads((root / "report" / "report.json").read_text())
+    table = Table(title=f"ONNX Runtime on this CPU, batch 1, {THREADS} threads ({root / 'report' / 'report.md'})")
+    for column in ("model", "precision", "top-1", "p50 ms", "speed-up", "front"):
+        table.add_column(column, justify="left" if column in ("model", "precision") else "right")
+    for setting in report["settings"]:
+        for row in setting["rows"]:
+            table.add_row(row["label"], setting["precision"],
+                          f"{100 * row['top1']:.1f}%" if row.get("top1") is not None else "-",
+                          f"{row['p50_ms']:.2f}" if row.get("p50_ms") else "-",
+                          f"{row['speedup']:.2f}x" if row.get("speedup") else "-", "*" if row["pareto"] else "")
+    return table
+
+
+def run_demo(root: str | Path) -> Path:
+    """Run (or resume) the demo into ``root``; returns the report directory."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    steps, _ = plan(root)
+    state = run_steps(steps, root / "demo.json")
+    table = Table(title="time per step")
+    table.add_column("step")
+    table.add_column("seconds", justify="right")
+    for step in steps:
+        table.add_row(step.name, f"{state[step.name]['seconds']:.0f}")
+    console.print(table)
+    console.print(summary(root))
+    return root / "report"

@@ -28,7 +28,7 @@ def test_digits_splits_are_disjoint_stratified_and_stable():
     train_rows = {tuple(x.flatten().tolist()) for x in splits["train"].images[:200]}
     assert not train_rows & {tuple(x.flatten().tolist()) for x in splits["test"].images}
     x, y = splits["train"][0]
-    assert x.shape == (1, 16, 16) and -1.01 <= x.min() and x.max() <= 1.01
+    assert x.shape == (1, 16, 16) and x.min() >= -1.01 and x.max() <= 1.01
 
 
 def test_class_subset_relabels_in_the_given_order():

@@ -76,9 +76,7 @@ def test_init_from_a_prefixed_torch_checkpoint(tmp_path, digits_bundle):
     weights = load_file(Path(digits_bundle) / "model.safetensors")
     torch.save({"model": {f"module.{k}": v for k, v in weights.items()}}, tmp_path / "ckpt.pth")
     from edgevit.methods.baseline import load_init_weights
-    from edgevit.vit import load_bundle
-
-    from edgevit.vit import create_vit
+    from edgevit.vit import create_vit, load_bundle
 
     _, meta = load_bundle(digits_bundle)
     target = create_vit(meta.base.name, **{**meta.base.kwargs, "num_classes": 5})

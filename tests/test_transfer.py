@@ -11,6 +11,7 @@ import torch
 from click.testing import CliRunner
 
 from edgevit.cli import main
+from edgevit.data import fraction_subset, load_split
 from edgevit.errors import EdgeVitError
 from edgevit.methods.transfer import (
     TransferConfig,
@@ -176,7 +177,8 @@ def test_cli_end_to_end(digits_bundle, tmp_path):
     assert meta.surgery == [] and meta.base.kwargs["embed_dim"] == 24 and len(model.blocks) == 3
     assert meta.provenance["method"] == "transfer" and meta.provenance["deployable"] is True
     assert meta.provenance["layer_map"] == [[0, 0], [1, 2]]  # round(4/3)-1, round(8/3)-1: 3 of a 4-layer teacher
-    assert meta.metrics["train_images"] == 378
+    train_split = load_split("digits", "train", meta.preprocessing)
+    assert meta.metrics["train_images"] == len(fraction_subset(train_split, 0.3, seed=0)) < len(train_split)
 
     resumed = runner.invoke(main, ["train", "transfer", *common, "-o", str(out), "--resume"])
     assert resumed.exit_code == 0, resumed.output

@@ -64,6 +64,9 @@ def export_bundle(run: str | Path, profile: str | Profile, out: str | Path) -> d
     profile = profile if isinstance(profile, Profile) else load_profile(str(profile))
     run, out = Path(run), Path(out)
     meta = read_meta(run)  # fails early and clearly on a non-bundle
+    if meta.provenance.get("deployable") is False:
+        reason = meta.provenance.get("not_deployable_reason", "its method marked it not deployable")
+        raise EdgeVitError(f"{run} cannot be exported: {reason}")
     cal_images = cal_info = None
     if profile.precision == "int8" and profile.int8.quantizer != "dynamic":
         cal_images, cal_info = quantize.calibration_images(profile.calibration, meta)

@@ -352,7 +352,8 @@ def train_skip(
                         "base_test_top1": base_test, "removed_blocks": selection.blocks,
                         "heal_epochs": train_cfg.epochs,
                         **({"steps": result.steps, "train_seconds": round(result.seconds, 1)} if result else {})}
-        config = {**asdict(cfg), "select": selection.select, "heal": asdict(train_cfg)}
+        # blocks = the ones removed, so export.json's settings say what the graph lacks.
+        config = {**asdict(cfg), "select": selection.select, "blocks": selection.blocks, "heal": asdict(train_cfg)}
         meta.provenance = provenance("skip", config, train_cfg.seed, base=str(model_dir),
                                      removed_blocks=selection.blocks,
                                      attention_similarity=_rounded(selection.scores["all"]),

@@ -1,7 +1,6 @@
 """The only code that knows ViT internals: attention, graph surgery, bundles."""
 
-from edgevit.vit import adapters  # noqa: F401  (registers surgery ops)
-from edgevit.vit import memory  # noqa: F401  (registers surgery ops)
+from edgevit.vit import adapters, memory  # noqa: F401  (importing them registers their surgery ops)
 from edgevit.vit.attention import EdgeAttention
 from edgevit.vit.bundle import BundleMeta, DataRef, Preprocessing, load_bundle, read_meta, save_bundle
 from edgevit.vit.model import attention, capture_attention_logits, create_vit

@@ -80,7 +80,8 @@ class EdgeAttention(Attention):
         if self.injected_probs is not None:
             return self.attn_drop(self.injected_probs.to(v.dtype)) @ v
         if self.capture_logits:
-            logits = (q.float() * self.scale) @ k.float().transpose(-2, -1)
+            with torch.autocast(q.device.type, enabled=False):  # the logits are a loss target: keep fp32
+                logits = (q.float() * self.scale) @ k.float().transpose(-2, -1)
             if attn_mask is not None:
                 logits = logits + attn_mask if attn_mask.dtype != torch.bool else logits.masked_fill(
                     ~attn_mask, float("-inf"))
