@@ -585,7 +585,7 @@ def _ratio(value: str | None) -> float | None:
 @click.option("--select", type=click.Choice(["cosine", "cosine-pooled", "last", "random"]),
               help="cosine: least-change sub-layers on calibration images (mean over all tokens); cosine-pooled: "
                    "the same over the tokens the head pools (class token); last: deepest, final block kept; "
-                   "random: seeded control. Default cosine; with --sweep, limits the sweep to one strategy.")
+                   "random: seeded control. Default cosine-pooled; with --sweep, limits the sweep to one strategy.")
 @click.option("--heal-epochs", default=5, show_default=True, type=int,
               help="Healing fine-tune of the remaining weights (0: remove only).")
 @click.option("--lr", default=2e-4, show_default=True, type=float, help="Healing peak learning rate.")
@@ -606,7 +606,7 @@ def train_skip_cmd(model_run, data, out, ratio, blocks, select, heal_epochs, lr,
 
     \b
     Examples:
-      edgevit train skip --model runs/base --data digits -o runs/skip --ratio 1/3 --select cosine
+      edgevit train skip --model runs/base --data digits -o runs/skip --ratio 1/3 --select cosine-pooled
       edgevit train skip --model runs/base --data digits -o runs/skip-sweep --sweep --heal-epochs 3
       edgevit report runs/skip-sweep/sweep.jsonl -o report/skip
     """
@@ -614,7 +614,7 @@ def train_skip_cmd(model_run, data, out, ratio, blocks, select, heal_epochs, lr,
 
     train_cfg = _train_config(heal_epochs, lr, batch_size, seed, data, warmup_epochs=min(0.5, heal_epochs))
     if not sweep:
-        cfg = skip.SkipConfig(select=select or "cosine", ratio=_ratio(ratio), blocks=_ints(blocks), calib=calib,
+        cfg = skip.SkipConfig(select=select or "cosine-pooled", ratio=_ratio(ratio), blocks=_ints(blocks), calib=calib,
                               distill=distill)
         skip.train_skip(model_run, data, out, cfg, train_cfg, resume=resume)
         _report_bundle(out, as_json)

@@ -112,15 +112,15 @@ def plan(root: Path) -> tuple[list[Step], dict[str, Path]]:
     base, upstream = runs / "baseline", runs / "upstream-0-4"
     student = {"embed_dim": 64, "depth": 4, "num_heads": 2}
     training = [
-        ("baseline", base, [], {"epochs": 30},
-         lambda r: train_baseline("digits", base, cfg=_train_cfg(30), resume=r)),
+        ("baseline", base, [], {"epochs": 40},
+         lambda r: train_baseline("digits", base, cfg=_train_cfg(40), resume=r)),
         ("upstream backbone (digits 0-4)", upstream, [], {"epochs": 30},
          lambda r: train_baseline("digits", upstream, classes=UPSTREAM_CLASSES, cfg=_train_cfg(30), resume=r)),
         ("transfer: attention-distilled student", runs / "transfer", [base], {"epochs": 30, **student},
          lambda r: train_transfer(base, "digits", runs / "transfer", TransferConfig(mode="distill"), arch=student,
                                   train_cfg=_train_cfg(30), resume=r)),
-        ("skip: cosine, a third of attention removed", runs / "skip", [base], {"ratio": 1 / 3, "heal": 5},
-         lambda r: train_skip(base, "digits", runs / "skip", SkipConfig(select="cosine", ratio=1 / 3),
+        ("skip: a third of attention removed (cosine-pooled)", runs / "skip", [base], {"ratio": 1 / 3, "heal": 5},
+         lambda r: train_skip(base, "digits", runs / "skip", SkipConfig(select="cosine-pooled", ratio=1 / 3),
                               train_cfg=_train_cfg(5, lr=3e-4), resume=r)),
         ("continual: DATA on digits 5-9", runs / "continual", [upstream], {"tasks": 2, "epochs": 8},
          lambda r: train_continual(upstream, "digits", runs / "continual", ContinualConfig(tasks=2),
@@ -136,7 +136,7 @@ def plan(root: Path) -> tuple[list[Step], dict[str, Path]]:
     bundles = {
         "baseline": base,
         "transfer student": runs / "transfer",
-        "skip cosine 1/3": runs / "skip",
+        "skip 1/3 attention": runs / "skip",
         "DATA merged (0-4 -> 5-9)": runs / "continual",
         "DATA exact (0-4 -> 5-9)": runs / "continual" / "exact",
         "MoViT table P=64": runs / "memory",

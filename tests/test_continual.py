@@ -199,7 +199,7 @@ def test_train_continual_writes_both_forms(data_run):
     c = merged_meta.metrics["continual"]
     assert [len(row) for row in c["accuracy"]] == [1, 2]
     assert c["forms"]["exact"]["final_accuracy"] == c["accuracy"][-1]  # the exact form is the trained model
-    assert exact_meta.metrics["exact_max_abs_diff"] < 1e-5
+    assert exact_meta.metrics["exact_max_abs_diff"] < 1e-4  # fp32 rounding on logits of order 10-100
     assert 0.2 < c["final_average_accuracy"] <= 1 and -1 <= c["average_forgetting"] <= 1
     from edgevit.train import evaluate
     from edgevit.vit.bundle import DataRef

@@ -148,6 +148,18 @@ def weight_nodes(graph: onnx.ModelProto, ops: list[str], attention_matmuls: bool
             if n.op_type in ops and (attention_matmuls or any(i in constants for i in n.input[1:]))]
 
 
+def _exclusive_input_nodes(graph: onnx.ModelProto, nodes: list[str], ops: list[str]) -> list[str]:
+    """The ``nodes`` whose activation input is read only by MatMul/Gemm nodes. ORT puts one Q/DQ pair on a
+    tensor for all its readers, so quantizing a MatMul whose input also feeds a LayerNorm, an Add or a
+    Reshape (adapter and router branches of the DATA exact form) would run those in int8 on TensorRT."""
+    readers: dict[str, set[str]] = {}
+    for node in graph.graph.node:
+        for name in node.input:
+            readers.setdefault(name, set()).add(node.op_type)
+    by_name = {n.name: n for n in graph.graph.node}
+    return [name for name in nodes if readers.get(by_name[name].input[0], set()) <= set(ops)]
+
+
 def _ensure_node_names(src: Path, dst: Path) -> onnx.ModelProto:
     graph = onnx.load(str(src))
     for i, node in enumerate(graph.graph.node):
@@ -172,6 +184,8 @@ def quantize_static(src: Path, dst: Path, images: np.ndarray, opts: Int8Options,
     named = dst.with_suffix(".named.onnx")
     graph = _ensure_node_names(src, named)
     nodes = weight_nodes(graph, opts.ops, opts.quantize_attention_matmuls)
+    if for_tensorrt:
+        nodes = _exclusive_input_nodes(graph, nodes, opts.ops)
     # Symmetric int8 activations for TensorRT (zero point 0); uint8 activations for ORT's u8s8 CPU kernels.
     activation = QuantType.QInt8 if for_tensorrt else QuantType.QUInt8
     extra = {"ActivationSymmetric": for_tensorrt, "WeightSymmetric": True}

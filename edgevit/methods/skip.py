@@ -83,7 +83,9 @@ class SkipConfig:
             distributions (0: plain cross-entropy).
     """
 
-    select: str = "cosine"
+    # cosine-pooled, not the papers' all-token cosine: on ViTs the first block's attention barely moves the
+    # patch tokens yet is what fills the class token the head reads (see the module docstring).
+    select: str = "cosine-pooled"
     ratio: float | None = None
     blocks: list[int] | None = None
     calib: int = 64
