@@ -79,7 +79,7 @@ from edgevit.data import calibration_batch, data_ref, load_split, source_classes
 from edgevit.errors import EdgeVitError
 from edgevit.train import TrainConfig, evaluate, fit, is_main_process
 from edgevit.train.loop import CHECKPOINT
-from edgevit.train.run import provenance, split_metrics
+from edgevit.train.run import provenance, split_metrics, unseen_classes
 from edgevit.vit import BundleMeta, apply_surgery, create_vit, load_bundle, save_bundle
 from edgevit.vit.adapters import (
     ROUTERS,
@@ -215,26 +215,8 @@ class Task:
 
 
 def task_classes(meta: BundleMeta, data: str, classes: list[str] | None) -> list[str]:
-    """The tasks' classes: given, or DATA's classes the backbone was not trained on (same source).
-
-    The backbone must not have been trained on the tasks' labels: with its own data source, overlapping
-    classes are refused (a backbone whose ``data.classes`` is unset saw every class). Another source is a
-    different label space and is taken whole.
-    """
-    available = source_classes(data)
-    same_source = data_ref(data).source == meta.data.source
-    seen = set(meta.data.classes or source_classes(meta.data.source)) if same_source else set()
-    if classes is None:
-        classes = [c for c in available if c not in seen]
-        if not classes:
-            raise EdgeVitError(
-                f"the backbone was trained on every class of {data}; continual tasks need classes it never saw "
-                "(train it on a subset: edgevit train baseline --classes 0,1,2,3,4)")
-    overlap = sorted(set(classes) & seen)
-    if overlap:
-        raise EdgeVitError(f"task classes {overlap} were in the backbone's training data; the backbone must not "
-                           "have been trained on the tasks' labels")
-    return list(classes)
+    """The classes to learn: given, or DATA's classes the backbone was not trained on (see ``unseen_classes``)."""
+    return unseen_classes(meta, data, classes, "continual tasks")
 
 
 def make_tasks(data: str, classes: list[str], pre: Preprocessing, cfg: ContinualConfig) -> list[Task]:

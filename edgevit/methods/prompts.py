@@ -54,7 +54,7 @@ from torch.utils.data import Dataset
 from edgevit.data import calibration_batch, data_ref, load_split, source_classes
 from edgevit.errors import EdgeVitError
 from edgevit.train import TrainConfig, fit, is_main_process
-from edgevit.train.run import prepare_run_dir, provenance, split_metrics
+from edgevit.train.run import prepare_run_dir, provenance, split_metrics, unseen_classes
 from edgevit.vit import BundleMeta, EdgeAttention, apply_surgery, load_bundle, save_bundle
 from edgevit.vit.bundle import BaseArch
 
@@ -373,24 +373,8 @@ def merge_prompts(tuner: PromptedViT) -> tuple[VisionTransformer, list[dict[str,
 
 
 def downstream_classes(meta: BundleMeta, data: str, classes: list[str] | None) -> list[str]:
-    """The downstream classes: given, or DATA's classes the backbone was not trained on (same source).
-
-    Refuses classes the backbone was trained on: prompt tuning must be measured on a task it has not seen.
-    """
-    available = source_classes(data)
-    same_source = data_ref(data).source == meta.data.source
-    seen = set(meta.data.classes or source_classes(meta.data.source)) if same_source else set()
-    if classes is None:
-        classes = [c for c in available if c not in seen]
-        if not classes:
-            raise EdgeVitError(
-                f"the backbone was trained on every class of {data}; train it on a subset "
-                "(edgevit train baseline --classes 0,1,2,3,4) or prompt it on another data set")
-    overlap = sorted(set(classes) & seen)
-    if overlap:
-        raise EdgeVitError(f"downstream classes {overlap} were in the backbone's training data; "
-                           "prompts must be tuned on a task the backbone has not seen")
-    return list(classes)
+    """The classes to learn: given, or DATA's classes the backbone was not trained on (see ``unseen_classes``)."""
+    return unseen_classes(meta, data, classes, "prompts")
 
 
 def check_backbone(vit: VisionTransformer, meta: BundleMeta) -> None:

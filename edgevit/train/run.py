@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from edgevit import __version__
-from edgevit.data import load_ref
+from edgevit.data import data_ref, load_ref, source_classes
 from edgevit.errors import EdgeVitError
 from edgevit.train.loop import CHECKPOINT, evaluate, is_main_process
 from edgevit.vit.bundle import META, BundleMeta
@@ -53,3 +53,29 @@ def provenance(method: str, config: dict[str, Any], seed: int, **extra: Any) -> 
                      "python": platform.python_version()},
         **extra,
     }
+
+
+def unseen_classes(meta: BundleMeta, data: str, classes: list[str] | None, purpose: str) -> list[str]:
+    """Classes of ``data`` a method may adapt the backbone of ``meta`` to: ``classes`` if given, else those the
+    backbone was not trained on (same source). Classes the backbone saw are refused, since continual learning
+    and prompt tuning must be measured on labels the backbone never had; another source is a different label
+    space and is taken whole.
+
+    Args:
+        meta: the backbone bundle's metadata (``data.classes`` unset means it saw every class).
+        data: the data source of the new task(s).
+        classes: the requested classes, or ``None`` for all unseen ones.
+        purpose: what the classes are for, for the error messages (e.g. ``"continual tasks"``).
+    """
+    same_source = data_ref(data).source == meta.data.source
+    seen = set(meta.data.classes or source_classes(meta.data.source)) if same_source else set()
+    if classes is None:
+        classes = [c for c in source_classes(data) if c not in seen]
+        if not classes:
+            raise EdgeVitError(f"the backbone was trained on every class of {data}; {purpose} need classes it "
+                               "never saw (train it on a subset: edgevit train baseline --classes 0,1,2,3,4)")
+    overlap = sorted(set(classes) & seen)
+    if overlap:
+        raise EdgeVitError(f"classes {overlap} were in the backbone's training data; {purpose} need classes "
+                           "the backbone never saw")
+    return list(classes)
