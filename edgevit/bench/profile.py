@@ -117,7 +117,13 @@ def artifact_fields(artifact: Artifact) -> dict[str, Any]:
     (counted on the bundle's graph)."""
     model, meta = load_bundle(artifact.bundle_dir)
     return {"method": artifact.method, "settings": artifact.settings, "params": count_params(model),
-            "gflops": round(gflops_per_image(model, meta), 4)}
+            "gflops": round(gflops_per_image(model, meta), 4), "task": task_name(meta)}
+
+
+def task_name(meta) -> str:
+    """``source`` or ``source[classes]``: accuracies are comparable only within one task."""
+    source = Path(meta.data.source).name if meta.data.source != "digits" else "digits"
+    return source + (f"[{','.join(meta.data.classes)}]" if meta.data.classes else "")
 
 
 def profile_artifacts(paths: Sequence[str | Path], cfg: ProfileConfig, labels: Sequence[str] | None = None,

@@ -31,10 +31,12 @@ class Setting:
     precision: str
     batch: int
     threads: int | None = None
+    task: str = ""
 
     def title(self) -> str:
         threads = f", {self.threads} CPU thread{'s' if self.threads > 1 else ''}" if self.threads else ""
-        return f"{self.backend} {self.precision}, batch {self.batch}{threads}"
+        task = f" - {self.task}" if self.task else ""
+        return f"{self.backend} {self.precision}, batch {self.batch}{threads}{task}"
 
 
 @dataclass
@@ -76,9 +78,9 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[bool]:
 def group_rows(rows: Sequence[ResultRow]) -> dict[Setting, list[ResultRow]]:
     groups: dict[Setting, list[ResultRow]] = {}
     for row in rows:
-        key = Setting(machine_name(row), row.backend, row.precision, row.batch, row.threads)
+        key = Setting(machine_name(row), row.backend, row.precision, row.batch, row.threads, row.task)
         groups.setdefault(key, []).append(row)
-    return dict(sorted(groups.items(), key=lambda kv: (kv[0].machine, kv[0].backend, kv[0].precision,
+    return dict(sorted(groups.items(), key=lambda kv: (kv[0].machine, kv[0].task, kv[0].backend, kv[0].precision,
                                                        kv[0].batch, kv[0].threads or 0)))
 
 
@@ -196,15 +198,21 @@ def pareto_png(tables: dict[Setting, list[Entry]], path: Path) -> bool:
 
 def _draw_panel(ax, setting: Setting, entries: list[Entry], name_machine: bool, others: list[str],
                 methods_seen: list[str]) -> None:
-    for e in entries:
+    placed: list[tuple[float, float]] = []  # label anchors in axes fractions, to step labels off each other
+    xs_all, ys_all = [e.p50_ms for e in entries], [100 * e.top1 for e in entries]
+    span_x, span_y = max(max(xs_all) - min(xs_all), 1e-9), max(max(ys_all) - min(ys_all), 1e-9)
+    for e in sorted(entries, key=lambda e: (e.p50_ms, -e.top1)):
         colour = method_colour(e.method, others)
         if e.method not in methods_seen:
             methods_seen.append(e.method)
         ax.scatter(e.p50_ms, 100 * e.top1, s=110 if e.pareto else 60, color=colour, alpha=1.0 if e.pareto else 0.5,
                    edgecolors="black" if e.pareto else "none", linewidths=1.2, zorder=3,
                    marker="D" if e.baseline else "o")
-        ax.annotate(e.label, (e.p50_ms, 100 * e.top1), textcoords="offset points", xytext=(7, 5), fontsize=9,
-                    color="#222222" if e.pareto else "#777777")
+        at = ((e.p50_ms - min(xs_all)) / span_x, (100 * e.top1 - min(ys_all)) / span_y)
+        clashes = sum(abs(at[0] - x) < 0.35 and abs(at[1] - y) < 0.06 for x, y in placed)
+        placed.append(at)
+        ax.annotate(e.label, (e.p50_ms, 100 * e.top1), textcoords="offset points", xytext=(7, 5 - 13 * clashes),
+                    fontsize=9, color="#222222" if e.pareto else "#777777")
     front = sorted((e.p50_ms, 100 * e.top1) for e in entries if e.pareto)
     xs, ys = zip(*front, strict=True)
     ax.step(xs, ys, where="post", color="#444444", linewidth=2, alpha=0.8, zorder=2)

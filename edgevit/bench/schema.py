@@ -41,6 +41,7 @@ class ResultRow(BaseModel):
     peak_memory_mb: float | None = None
     top1: float | None = None  # 0..1, measured through the same backend and precision
     top1_split: str | None = None
+    task: str = ""  # the data the accuracy is on, e.g. "digits" or "digits[5,6,7,8,9]": rows compare within a task
     artifact_mb: float | None = None
     params: int | None = None
     gflops: float | None = None  # per image

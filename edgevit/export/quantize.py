@@ -140,10 +140,13 @@ class _Reader:
 
 
 def weight_nodes(graph: onnx.ModelProto, ops: list[str], attention_matmuls: bool) -> list[str]:
-    """Names of the nodes of type ``ops`` to quantize: those with a constant (initializer) weight input,
-    plus activation x activation MatMuls (attention) when ``attention_matmuls``."""
-    constants = {i.name for i in graph.graph.initializer}
-    constants |= {o for n in graph.graph.node if n.op_type == "Constant" for o in n.output}
+    """Names of the nodes of type ``ops`` to quantize: those with a constant 2-D weight (the linear layers),
+    plus activation x activation MatMuls (attention) when ``attention_matmuls``. Batched constant operands
+    (per-head memory tables, H x d x P) stay in fp32: ORT's int8 MatMul kernels take per-channel parameters of
+    2-D weights only."""
+    constants = {i.name for i in graph.graph.initializer if len(i.dims) == 2}
+    constants |= {o for n in graph.graph.node if n.op_type == "Constant" and len(n.attribute[0].t.dims) == 2
+                  for o in n.output}
     return [n.name for n in graph.graph.node
             if n.op_type in ops and (attention_matmuls or any(i in constants for i in n.input[1:]))]
 
