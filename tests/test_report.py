@@ -91,3 +91,18 @@ def test_cli_report(results, tmp_path):
     result = CliRunner().invoke(main, ["report", str(results), "-o", str(tmp_path / "rep")])
     assert result.exit_code == 0, result.output
     assert "pareto.png" in result.stdout and (tmp_path / "rep" / "pareto.png").stat().st_size > 20_000
+
+
+def test_rows_of_different_tasks_are_never_compared():
+    from edgevit.bench.report import group_rows
+    from edgevit.bench.schema import Latency, ResultRow
+
+    def row(label, method, task):
+        return ResultRow(artifact=label, method=method, label=label, backend="ort", precision="fp32", batch=1,
+                         threads=1, task=task, top1=0.9, latency_ms=Latency(p50=1, p90=1, p99=1, mean=1, iterations=20))
+
+    groups = group_rows([row("base", "baseline", "digits"), row("skip", "skip", "digits"),
+                         row("data", "continual", "digits[5,6,7,8,9]")])
+    assert sorted(len(rows) for rows in groups.values()) == [1, 2]
+    assert {s.task for s in groups} == {"digits", "digits[5,6,7,8,9]"}
+    assert any(s.title().endswith("digits[5,6,7,8,9]") for s in groups)

@@ -209,9 +209,9 @@ def _draw_panel(ax, setting: Setting, entries: list[Entry], name_machine: bool, 
                    edgecolors="black" if e.pareto else "none", linewidths=1.2, zorder=3,
                    marker="D" if e.baseline else "o")
         at = ((e.p50_ms - min(xs_all)) / span_x, (100 * e.top1 - min(ys_all)) / span_y)
-        clashes = sum(abs(at[0] - x) < 0.35 and abs(at[1] - y) < 0.06 for x, y in placed)
+        clashes = sum(abs(at[0] - x) < 0.4 and abs(at[1] - y) < 0.1 for x, y in placed)
         placed.append(at)
-        ax.annotate(e.label, (e.p50_ms, 100 * e.top1), textcoords="offset points", xytext=(7, 5 - 13 * clashes),
+        ax.annotate(e.label, (e.p50_ms, 100 * e.top1), textcoords="offset points", xytext=(7, 5 + 13 * clashes),
                     fontsize=9, color="#222222" if e.pareto else "#777777")
     front = sorted((e.p50_ms, 100 * e.top1) for e in entries if e.pareto)
     xs, ys = zip(*front, strict=True)
