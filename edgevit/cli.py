@@ -142,103 +142,221 @@ def train_baseline(data, out, model_name, img_size, patch_size, embed_dim, depth
     _report_bundle(out, as_json)
 
 
+# --- method 1: attention-transfer students (attention distillation / attention copy) -----------------------
 
-# --- profile / report (edgevit.bench) -------------------------------------------------------------------------
 
-@main.command("profile")
-@click.argument("artifacts", nargs=-1, required=True)
-@click.option("--backend", default="ort", show_default=True, help="torch | ort | trt.")
-@click.option("--batch", "batches", default="1", show_default=True, help="Comma-separated batch sizes.")
-@click.option("--threads", default=2, show_default=True, type=int, help="CPU threads for every backend.")
-@click.option("--warmup", default=10, show_default=True, type=int, help="Untimed iterations first.")
-@click.option("--iterations", type=int, help="Exact timed iterations (default: run for --seconds).")
-@click.option("--seconds", default=3.0, show_default=True, type=float,
-              help="Time budget per row when --iterations is not given (at least 20 iterations).")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), help="torch backend device (default: cuda if any).")
-@click.option("--label", "labels", multiple=True, help="Plot label per artifact, in order (default: dir name).")
-@click.option("--no-accuracy", is_flag=True, help="Skip top-1 on the test split (latency-only studies).")
-@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="results.jsonl to append to.")
+@train.command("transfer")
+@click.option("--teacher", "teacher_run", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Teacher bundle (frozen); only its attention maps are used, so its classes may differ.")
+@data_option
+@out_option
+@click.option("--mode", type=click.Choice(["distill", "copy"]), default="distill", show_default=True,
+              help="distill: the student learns the maps and runs alone; copy: it attends with the teacher's "
+                   "maps (needs the teacher at inference: not deployable).")
+@click.option("--model", "model_name", help="Student timm ViT architecture (default: the teacher's).")
+@click.option("--img-size", type=int, help="Student input side (default: the teacher's; same patch grid).")
+@click.option("--patch-size", type=int, help="Student patch size.")
+@click.option("--embed-dim", type=int, help="Student width.")
+@click.option("--depth", type=int, help="Student blocks (layer map: i <- round((i+1)*L_T/L_S)-1).")
+@click.option("--heads", type=int, help="Student heads (teacher heads are mapped by --head-map).")
+@click.option("--layers", type=int, help="Transferred student layers, from the first (default: depth - 3).")
+@click.option("--weight", default=3.0, show_default=True, type=float, help="Attention-distillation loss weight.")
+@click.option("--head-map", type=click.Choice(["average", "learned"]), default="average", show_default=True,
+              help="Fewer student heads: average teacher head groups' probabilities, or learn a 1x1 head mixing "
+                   "of logits.")
+@click.option("--data-fraction", default=1.0, show_default=True, type=float,
+              help="Class-stratified fraction of the training split (low-data regimes).")
+@train_options(epochs=40, lr=1e-3)
+@resume_option
 @json_option
-def profile_cmd(artifacts, backend, batches, threads, warmup, iterations, seconds, device, labels, no_accuracy,
-                out, as_json):
-    """Measure export directories: one row per (artifact, backend, precision, batch) appended to -o.
+def train_transfer(teacher_run, data, out, mode, model_name, img_size, patch_size, embed_dim, depth, heads, layers,
+                   weight, head_map, data_fraction, epochs, lr, batch_size, seed, resume, as_json):
+    """Train a student from scratch that inherits a frozen teacher's attention patterns (Li et al. 2024).
 
-    Each row holds p50/p90/p99/mean latency (ms per batch), throughput, peak memory, top-1 on the bundle's
-    test split through the same backend and precision, size, parameters, GFLOPs, method and machine.
-    Rows measured on a Jetson (trtexec --exportTimes + tegrastats): see `edgevit profile-device`.
+    \b
+    Example (a student half as wide and two blocks shallower than its teacher):
+      edgevit train baseline --data digits -o runs/base
+      edgevit train transfer --teacher runs/base --data digits -o runs/student --embed-dim 48 --depth 4
+    """
+    from edgevit.methods.transfer import TransferConfig
+    from edgevit.methods.transfer import train_transfer as run
+
+    sizes = {"patch_size": patch_size, "embed_dim": embed_dim, "depth": depth, "num_heads": heads}
+    cfg = TransferConfig(mode=mode, layers=layers, weight=weight, head_map=head_map, data_fraction=data_fraction)
+    run(teacher_run, data, out, cfg, model_name=model_name, img_size=img_size,
+        arch={k: v for k, v in sizes.items() if v is not None},
+        train_cfg=_train_config(epochs, lr, batch_size, seed, data), resume=resume)
+    _report_bundle(out, as_json)
+    if mode == "copy" and not as_json:
+        click.echo("note: attention copy needs the teacher at inference; the bundle is marked not deployable")
+
+
+# --- method 2: skip-pruned graphs (attention sub-layers removed) ----------------------------------------------
+
+def _ratio(value: str | None) -> float | None:
+    from fractions import Fraction
+
+    if value is None:
+        return None
+    try:
+        return float(Fraction(value))
+    except (ValueError, ZeroDivisionError):
+        raise click.BadParameter(f"expected a fraction such as 1/3 or 0.33, got {value!r}") from None
+
+
+@train.command("skip")
+@click.option("--model", "model_run", required=True, type=click.Path(exists=True, file_okay=False),
+              help="The bundle to prune (a run directory).")
+@data_option
+@out_option
+@click.option("--ratio", help="Fraction of attention sub-layers to remove, e.g. 1/3 (default 1/3).")
+@click.option("--blocks", help="Remove exactly these blocks' attention, e.g. 3,7 (instead of --ratio/--select).")
+@click.option("--select", type=click.Choice(["cosine", "cosine-pooled", "last", "random"]),
+              help="cosine: least-change sub-layers on calibration images (mean over all tokens); cosine-pooled: "
+                   "the same over the tokens the head pools (class token); last: deepest, final block kept; "
+                   "random: seeded control. Default cosine-pooled; with --sweep, limits the sweep to one strategy.")
+@click.option("--heal-epochs", default=5, show_default=True, type=int,
+              help="Healing fine-tune of the remaining weights (0: remove only).")
+@click.option("--lr", default=2e-4, show_default=True, type=float, help="Healing peak learning rate.")
+@click.option("--batch-size", default=64, show_default=True, type=int)
+@click.option("--calib", default=64, show_default=True, type=int,
+              help="Class-balanced training images the cosine scores are measured on.")
+@click.option("--distill", default=0.5, show_default=True, type=float,
+              help="Healing loss: (1 - W) * cross-entropy + W * KL(unpruned model || pruned model).")
+@click.option("--sweep", is_flag=True, help="Ratios 0, 1/6, 1/3, 1/2 x every strategy, before/after healing, "
+                                            "with ORT CPU latency: result rows in OUT/sweep.jsonl.")
+@click.option("--threads", default=2, show_default=True, type=int, help="--sweep: ORT CPU threads for latency.")
+@seed_option
+@resume_option
+@json_option
+def train_skip_cmd(model_run, data, out, ratio, blocks, select, heal_epochs, lr, batch_size, calib, distill, sweep,
+                   threads, seed, resume, as_json):
+    """Remove attention sub-layers (LayerNorm, qkv, proj, LayerScale) from a bundle, then heal it.
+
+    \b
+    Examples:
+      edgevit train skip --model runs/base --data digits -o runs/skip --ratio 1/3 --select cosine-pooled
+      edgevit train skip --model runs/base --data digits -o runs/skip-sweep --sweep --heal-epochs 3
+      edgevit report runs/skip-sweep/sweep.jsonl -o report/skip
+    """
+    from edgevit.methods import skip
+
+    train_cfg = _train_config(heal_epochs, lr, batch_size, seed, data, warmup_epochs=min(0.5, heal_epochs))
+    if not sweep:
+        cfg = skip.SkipConfig(select=select or "cosine-pooled", ratio=_ratio(ratio), blocks=_ints(blocks), calib=calib,
+                              distill=distill)
+        skip.train_skip(model_run, data, out, cfg, train_cfg, resume=resume)
+        _report_bundle(out, as_json)
+        return
+    if ratio is not None or blocks is not None:
+        raise click.UsageError("--sweep runs its own ratios; drop --ratio/--blocks")
+    from edgevit.bench.schema import read_rows
+
+    results = skip.sweep_skip(model_run, data, out, train_cfg, selects=[select] if select else skip.SELECTIONS,
+                              calib=calib, distill=distill, threads=threads, resume=resume)
+    rows = read_rows(results)
+    text = "\n".join(f"{r.label:28s} top-1 {r.top1:.4f}  p50 {r.latency_ms.p50:8.3f} ms  blocks "
+                     f"{r.settings['blocks']}" for r in rows) + f"\nwrote {results}"
+    _emit({"results": str(results), "rows": [r.model_dump(exclude_none=True) for r in rows]}, as_json, text)
+
+
+# --- method 3: MoViT memory and compact summarized memory tables ----------------------------------------
+
+@train.command("memory")
+@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="The bundle to start from (a run directory); its head is replaced if DATA has other classes.")
+@data_option
+@out_option
+@click.option("--block", default=-1, show_default=True, type=int,
+              help="Block that gets the memory branch (negative counts from the end).")
+@click.option("--slots", default=2048, show_default=True, type=int,
+              help="Full training memory size S per head (capped at the number of training images).")
+@click.option("--topk", default=32, show_default=True, type=int,
+              help="Memory rows each query attends to (0: dense attention over all rows).")
+@click.option("--momentum", default=0.9, show_default=True, type=float,
+              help="ATMA beta: a rewritten slot becomes beta*old + (1-beta)*new.")
+@click.option("--prototypes", default=64, show_default=True, type=int,
+              help="Rows P of the deployed table (PAL summarization); 0 deploys the full memory.")
+@click.option("--summarize", type=click.Choice(["kmeans", "learned"]), default="kmeans", show_default=True,
+              help="PAL: k-means on keys (values averaged), or k-means then a brief distillation of the table.")
+@click.option("--summarize-epochs", default=5, show_default=True, type=int, help="Epochs of --summarize learned.")
+@click.option("--gate-init", default=-1.0, show_default=True, type=float, help="Initial per-head gate logit.")
+@click.option("--data-fraction", default=1.0, show_default=True, type=float,
+              help="Class-stratified fraction of the training split (low-data regimes).")
+@train_options(epochs=15, lr=5e-4)
+@resume_option
+@json_option
+def train_memory(model_dir, data, out, block, slots, topk, momentum, prototypes, summarize, summarize_epochs,
+                 gate_init, data_fraction, epochs, lr, batch_size, seed, resume, as_json):
+    """Fine-tune a bundle with a MoViT memory (ATMA updates) and deploy a compact summarized table (PAL).
 
     \b
     Example:
-      edgevit profile build/base/cpu-fp32 build/skip/cpu-fp32 --backend ort --batch 1,8 -o results.jsonl
+      edgevit train memory --model runs/base --data digits -o runs/memory --prototypes 64
     """
-    from edgevit.bench.latency import TimingConfig
-    from edgevit.bench.profile import ProfileConfig, profile_artifacts
-    from edgevit.bench.schema import append_rows
+    from edgevit.methods.memory import MemoryConfig
+    from edgevit.methods.memory import train_memory as run
 
-    cfg = ProfileConfig(backend=backend, batches=_ints(batches), threads=threads, device=device,
-                        timing=TimingConfig(warmup=warmup, iterations=iterations, seconds=seconds),
-                        accuracy=not no_accuracy)
-    rows = profile_artifacts(artifacts, cfg, labels=list(labels) or None)
-    append_rows(out, rows)
-    text = "\n".join(
-        f"{r.label:24s} {r.backend:5s} {r.precision:5s} b{r.batch:<3d} p50 {r.latency_ms.p50:9.3f} ms  "
-        f"p99 {r.latency_ms.p99:9.3f} ms  {r.throughput_ips:9.1f} img/s  top-1 "
-        + (f"{r.top1:.4f}" if r.top1 is not None else "  -   ") for r in rows) + f"\nappended {len(rows)} rows to {out}"
-    _emit({"results": out, "rows": [r.model_dump(exclude_none=True) for r in rows]}, as_json, text)
+    cfg = MemoryConfig(block=block, slots=slots, topk=topk or None, momentum=momentum, prototypes=prototypes,
+                       summarize=summarize, summarize_epochs=summarize_epochs, gate_init=gate_init,
+                       data_fraction=data_fraction)
+    run(model_dir, data, out, cfg, _train_config(epochs, lr, batch_size, seed, data, warmup_epochs=1.0),
+        resume=resume)
+    _report_bundle(out, as_json)
 
 
-@main.command("profile-device")
-@click.option("--trtexec-times", "times", required=True, type=click.Path(dir_okay=False),
-              help="trtexec --exportTimes JSON from the device.")
-@click.option("--tegrastats", type=click.Path(dir_okay=False), help="tegrastats log recorded during the run.")
-@click.option("--artifact", help="The export directory the engine was built from (method, precision, GFLOPs).")
-@click.option("--batch", default=1, show_default=True, type=int, help="Images per inference.")
-@click.option("--metric", default="latencyMs", show_default=True, type=click.Choice(["latencyMs", "computeMs"]),
-              help="latencyMs includes host<->device copies; computeMs is GPU compute only.")
-@click.option("--machine", default="jetson", show_default=True, help="Device name, e.g. 'Jetson Orin Nano 8GB'.")
-@click.option("--label", help="Plot label (default: the artifact's directory name).")
-@click.option("--rail", help="tegrastats rail to average (default: board input VDD_IN / POM_5V_IN).")
-@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="results.jsonl to append to.")
+# --- method 4: DATA continual learning with reparameterized (folded) adapters ---------------------------------
+
+
+@train.command("continual")
+@click.option("--model", "model_run", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Backbone bundle (frozen), trained on classes other than the tasks' ones.")
+@data_option
+@out_option
+@click.option("--tasks", type=int, help="Number of tasks (default: classes // 2 for class, 4 for domain).")
+@click.option("--protocol", type=click.Choice(["class", "domain"]), default="class", show_default=True,
+              help="class: disjoint classes per task, growing head; domain: same classes, a new image "
+                   "transform per task (identity, invert, rot90, hflip, noise).")
+@click.option("--ranks", default="4,16", show_default=True, help="Ranks r1,r2 of the task-shared and task-specific "
+                                                                 "adapter paths.")
+@click.option("--components", default=8, show_default=True, type=int, help="Router components per task (M).")
+@click.option("--group-size", type=int, help="Blocks per router group (default 4, fewer for shallow models).")
+@click.option("--ortho-weight", default=1.0, show_default=True, type=float, help="Orthogonality loss weight.")
+@click.option("--form", type=click.Choice(["merged", "exact"]), default="merged", show_default=True,
+              help="Bundle written to OUT: merged (mean scales folded, the base graph) or exact (per-sample "
+                   "scale branch); the other form goes to OUT/<form>/.")
+@click.option("--classes", help="Task classes (default: DATA's classes the backbone was not trained on).")
+@train_options(epochs=10, lr=3e-3)
+@resume_option
 @json_option
-def profile_device_cmd(times, tegrastats, artifact, batch, metric, machine, label, rail, out, as_json):
-    """Turn an on-device trtexec trace (+ tegrastats power log) into a result row appended to -o.
-
-    Latency percentiles come from the per-inference trace, average power from the board input rail, energy
-    per image = power / throughput.
+def train_continual_cmd(model_run, data, out, tasks, protocol, ranks, components, group_size, ortho_weight, form,
+                        classes, epochs, lr, batch_size, seed, resume, as_json):
+    """Learn a task sequence with DATA (no rehearsal, no task id) and write exact and merged bundles.
 
     \b
-    Example:
-      edgevit profile-device --trtexec-times times.json --tegrastats power.log \\
-          --artifact build/skip/orin-fp16 --machine "Jetson Orin Nano" -o results.jsonl
+    Example (backbone on digits 0-4, tasks {5,6}, {7,8,9}):
+      edgevit train baseline --data digits --classes 0,1,2,3,4 -o runs/base04
+      edgevit train continual --model runs/base04 --data digits -o runs/data --tasks 2
     """
-    from edgevit.bench.device import profile_device
-    from edgevit.bench.schema import append_rows
+    from edgevit.methods.continual import ContinualConfig
+    from edgevit.methods.continual import train_continual as run
+    from edgevit.train import is_main_process
+    from edgevit.vit import read_meta
 
-    row = profile_device(times, artifact, tegrastats, batch, metric, machine, label, rail)
-    append_rows(out, [row])
-    power = f", {row.power_w:.2f} W, {row.energy_mj_per_image:.2f} mJ/img" if row.power_w is not None else ""
-    _emit(row.model_dump(exclude_none=True), as_json,
-          f"{row.label}: p50 {row.latency_ms.p50:.3f} ms, {row.throughput_ips:.1f} img/s{power}; appended to {out}")
-
-
-@main.command("report")
-@click.argument("results", type=click.Path(dir_okay=False))
-@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Report directory.")
-@click.option("--baseline-label", help="Reference row label in each setting (default: the baseline method).")
-@json_option
-def report_cmd(results, out, baseline_label, as_json):
-    """Write report.md, pareto.png and report.json from a results.jsonl.
-
-    \b
-    Example:
-      edgevit report results.jsonl -o report/
-    """
-    from edgevit.bench.report import build_report
-
-    report = build_report(results, out, baseline_label)
-    n = sum(len(s["rows"]) for s in report["settings"])
-    _emit(report, as_json, f"wrote {out}/report.md, report.json" + (", pareto.png" if report["pareto_png"] else "")
-          + f" ({n} rows in {len(report['settings'])} settings)")
+    cfg = ContinualConfig(protocol=protocol, tasks=tasks, ranks=tuple(_ints(ranks)), components=components,
+                          group_size=group_size, ortho_weight=ortho_weight, form=form)
+    run(model_run, data, out, cfg, _train_config(epochs, lr, batch_size, seed, data, warmup_epochs=1.0),
+        classes=classes.split(",") if classes else None, resume=resume)
+    if not is_main_process():
+        return
+    c = read_meta(out).metrics["continual"]
+    rows = "\n".join(f"  after task {i + 1}: " + " ".join(f"{a:.3f}" for a in row)
+                     for i, row in enumerate(c["accuracy"]))
+    forms = ", ".join(f"{k} {v['final_average_accuracy']:.4f}" for k, v in c["forms"].items())
+    _emit({"run": out, **c}, as_json,
+          f"wrote {out} ({form}); test top-1 per task ({', '.join(c['tasks'])}):\n{rows}\n"
+          f"final average accuracy {c['final_average_accuracy']:.4f}, average forgetting "
+          f"{c['average_forgetting']:.4f}; deployed forms: {forms}")
 
 
 # --- method 5: burstiness-aware bilinear prompt tuning (BPT) + merged prompts ------------------------------
@@ -317,49 +435,6 @@ def inspect_burstiness(run, data, classes, images, eps, covariance, as_json):
     lines.append(f" mean {m['kurtosis_before']:>8.2f} -> {m['kurtosis_after']:<6.2f} "
                  f"{m['max_median_before']:>8.1f} -> {m['max_median_after']:<6.1f}   (before -> after whitening)")
     _emit(report, as_json, "\n".join(lines))
-
-
-@train.command("memory")
-@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False),
-              help="The bundle to start from (a run directory); its head is replaced if DATA has other classes.")
-@data_option
-@out_option
-@click.option("--block", default=-1, show_default=True, type=int,
-              help="Block that gets the memory branch (negative counts from the end).")
-@click.option("--slots", default=2048, show_default=True, type=int,
-              help="Full training memory size S per head (capped at the number of training images).")
-@click.option("--topk", default=32, show_default=True, type=int,
-              help="Memory rows each query attends to (0: dense attention over all rows).")
-@click.option("--momentum", default=0.9, show_default=True, type=float,
-              help="ATMA beta: a rewritten slot becomes beta*old + (1-beta)*new.")
-@click.option("--prototypes", default=64, show_default=True, type=int,
-              help="Rows P of the deployed table (PAL summarization); 0 deploys the full memory.")
-@click.option("--summarize", type=click.Choice(["kmeans", "learned"]), default="kmeans", show_default=True,
-              help="PAL: k-means on keys (values averaged), or k-means then a brief distillation of the table.")
-@click.option("--summarize-epochs", default=5, show_default=True, type=int, help="Epochs of --summarize learned.")
-@click.option("--gate-init", default=-1.0, show_default=True, type=float, help="Initial per-head gate logit.")
-@click.option("--data-fraction", default=1.0, show_default=True, type=float,
-              help="Class-stratified fraction of the training split (low-data regimes).")
-@train_options(epochs=15, lr=5e-4)
-@resume_option
-@json_option
-def train_memory(model_dir, data, out, block, slots, topk, momentum, prototypes, summarize, summarize_epochs,
-                 gate_init, data_fraction, epochs, lr, batch_size, seed, resume, as_json):
-    """Fine-tune a bundle with a MoViT memory (ATMA updates) and deploy a compact summarized table (PAL).
-
-    \b
-    Example:
-      edgevit train memory --model runs/base --data digits -o runs/memory --prototypes 64
-    """
-    from edgevit.methods.memory import MemoryConfig
-    from edgevit.methods.memory import train_memory as run
-
-    cfg = MemoryConfig(block=block, slots=slots, topk=topk or None, momentum=momentum, prototypes=prototypes,
-                       summarize=summarize, summarize_epochs=summarize_epochs, gate_init=gate_init,
-                       data_fraction=data_fraction)
-    run(model_dir, data, out, cfg, _train_config(epochs, lr, batch_size, seed, data, warmup_epochs=1.0),
-        resume=resume)
-    _report_bundle(out, as_json)
 
 
 # --- export / build / profiles (edgevit.export) ---------------------------------------------------------------
@@ -459,177 +534,105 @@ def profiles_show(name, as_json):
           yaml.safe_dump(profile.model_dump(mode="json"), sort_keys=False).rstrip())
 
 
-# --- method 1: attention-transfer students (attention distillation / attention copy) -----------------------
+# --- profile / report (edgevit.bench) -------------------------------------------------------------------------
 
-
-@train.command("transfer")
-@click.option("--teacher", "teacher_run", required=True, type=click.Path(exists=True, file_okay=False),
-              help="Teacher bundle (frozen); only its attention maps are used, so its classes may differ.")
-@data_option
-@out_option
-@click.option("--mode", type=click.Choice(["distill", "copy"]), default="distill", show_default=True,
-              help="distill: the student learns the maps and runs alone; copy: it attends with the teacher's "
-                   "maps (needs the teacher at inference: not deployable).")
-@click.option("--model", "model_name", help="Student timm ViT architecture (default: the teacher's).")
-@click.option("--img-size", type=int, help="Student input side (default: the teacher's; same patch grid).")
-@click.option("--patch-size", type=int, help="Student patch size.")
-@click.option("--embed-dim", type=int, help="Student width.")
-@click.option("--depth", type=int, help="Student blocks (layer map: i <- round((i+1)*L_T/L_S)-1).")
-@click.option("--heads", type=int, help="Student heads (teacher heads are mapped by --head-map).")
-@click.option("--layers", type=int, help="Transferred student layers, from the first (default: depth - 3).")
-@click.option("--weight", default=3.0, show_default=True, type=float, help="Attention-distillation loss weight.")
-@click.option("--head-map", type=click.Choice(["average", "learned"]), default="average", show_default=True,
-              help="Fewer student heads: average teacher head groups' probabilities, or learn a 1x1 head mixing "
-                   "of logits.")
-@click.option("--data-fraction", default=1.0, show_default=True, type=float,
-              help="Class-stratified fraction of the training split (low-data regimes).")
-@train_options(epochs=40, lr=1e-3)
-@resume_option
+@main.command("profile")
+@click.argument("artifacts", nargs=-1, required=True)
+@click.option("--backend", default="ort", show_default=True, help="torch | ort | trt.")
+@click.option("--batch", "batches", default="1", show_default=True, help="Comma-separated batch sizes.")
+@click.option("--threads", default=2, show_default=True, type=int, help="CPU threads for every backend.")
+@click.option("--warmup", default=10, show_default=True, type=int, help="Untimed iterations first.")
+@click.option("--iterations", type=int, help="Exact timed iterations (default: run for --seconds).")
+@click.option("--seconds", default=3.0, show_default=True, type=float,
+              help="Time budget per row when --iterations is not given (at least 20 iterations).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), help="torch backend device (default: cuda if any).")
+@click.option("--label", "labels", multiple=True, help="Plot label per artifact, in order (default: dir name).")
+@click.option("--no-accuracy", is_flag=True, help="Skip top-1 on the test split (latency-only studies).")
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="results.jsonl to append to.")
 @json_option
-def train_transfer(teacher_run, data, out, mode, model_name, img_size, patch_size, embed_dim, depth, heads, layers,
-                   weight, head_map, data_fraction, epochs, lr, batch_size, seed, resume, as_json):
-    """Train a student from scratch that inherits a frozen teacher's attention patterns (Li et al. 2024).
+def profile_cmd(artifacts, backend, batches, threads, warmup, iterations, seconds, device, labels, no_accuracy,
+                out, as_json):
+    """Measure export directories: one row per (artifact, backend, precision, batch) appended to -o.
+
+    Each row holds p50/p90/p99/mean latency (ms per batch), throughput, peak memory, top-1 on the bundle's
+    test split through the same backend and precision, size, parameters, GFLOPs, method and machine.
+    Rows measured on a Jetson (trtexec --exportTimes + tegrastats): see `edgevit profile-device`.
 
     \b
-    Example (a student half as wide and two blocks shallower than its teacher):
-      edgevit train baseline --data digits -o runs/base
-      edgevit train transfer --teacher runs/base --data digits -o runs/student --embed-dim 48 --depth 4
+    Example:
+      edgevit profile build/base/cpu-fp32 build/skip/cpu-fp32 --backend ort --batch 1,8 -o results.jsonl
     """
-    from edgevit.methods.transfer import TransferConfig
-    from edgevit.methods.transfer import train_transfer as run
+    from edgevit.bench.latency import TimingConfig
+    from edgevit.bench.profile import ProfileConfig, profile_artifacts
+    from edgevit.bench.schema import append_rows
 
-    sizes = {"patch_size": patch_size, "embed_dim": embed_dim, "depth": depth, "num_heads": heads}
-    cfg = TransferConfig(mode=mode, layers=layers, weight=weight, head_map=head_map, data_fraction=data_fraction)
-    run(teacher_run, data, out, cfg, model_name=model_name, img_size=img_size,
-        arch={k: v for k, v in sizes.items() if v is not None},
-        train_cfg=_train_config(epochs, lr, batch_size, seed, data), resume=resume)
-    _report_bundle(out, as_json)
-    if mode == "copy" and not as_json:
-        click.echo("note: attention copy needs the teacher at inference; the bundle is marked not deployable")
+    cfg = ProfileConfig(backend=backend, batches=_ints(batches), threads=threads, device=device,
+                        timing=TimingConfig(warmup=warmup, iterations=iterations, seconds=seconds),
+                        accuracy=not no_accuracy)
+    rows = profile_artifacts(artifacts, cfg, labels=list(labels) or None)
+    append_rows(out, rows)
+    text = "\n".join(
+        f"{r.label:24s} {r.backend:5s} {r.precision:5s} b{r.batch:<3d} p50 {r.latency_ms.p50:9.3f} ms  "
+        f"p99 {r.latency_ms.p99:9.3f} ms  {r.throughput_ips:9.1f} img/s  top-1 "
+        + (f"{r.top1:.4f}" if r.top1 is not None else "  -   ") for r in rows) + f"\nappended {len(rows)} rows to {out}"
+    _emit({"results": out, "rows": [r.model_dump(exclude_none=True) for r in rows]}, as_json, text)
 
 
-# --- method 4: DATA continual learning with reparameterized (folded) adapters ---------------------------------
-
-
-@train.command("continual")
-@click.option("--model", "model_run", required=True, type=click.Path(exists=True, file_okay=False),
-              help="Backbone bundle (frozen), trained on classes other than the tasks' ones.")
-@data_option
-@out_option
-@click.option("--tasks", type=int, help="Number of tasks (default: classes // 2 for class, 4 for domain).")
-@click.option("--protocol", type=click.Choice(["class", "domain"]), default="class", show_default=True,
-              help="class: disjoint classes per task, growing head; domain: same classes, a new image "
-                   "transform per task (identity, invert, rot90, hflip, noise).")
-@click.option("--ranks", default="4,16", show_default=True, help="Ranks r1,r2 of the task-shared and task-specific "
-                                                                 "adapter paths.")
-@click.option("--components", default=8, show_default=True, type=int, help="Router components per task (M).")
-@click.option("--group-size", type=int, help="Blocks per router group (default 4, fewer for shallow models).")
-@click.option("--ortho-weight", default=1.0, show_default=True, type=float, help="Orthogonality loss weight.")
-@click.option("--form", type=click.Choice(["merged", "exact"]), default="merged", show_default=True,
-              help="Bundle written to OUT: merged (mean scales folded, the base graph) or exact (per-sample "
-                   "scale branch); the other form goes to OUT/<form>/.")
-@click.option("--classes", help="Task classes (default: DATA's classes the backbone was not trained on).")
-@train_options(epochs=10, lr=3e-3)
-@resume_option
+@main.command("profile-device")
+@click.option("--trtexec-times", "times", required=True, type=click.Path(dir_okay=False),
+              help="trtexec --exportTimes JSON from the device.")
+@click.option("--tegrastats", type=click.Path(dir_okay=False), help="tegrastats log recorded during the run.")
+@click.option("--artifact", help="The export directory the engine was built from (method, precision, GFLOPs).")
+@click.option("--batch", default=1, show_default=True, type=int, help="Images per inference.")
+@click.option("--metric", default="latencyMs", show_default=True, type=click.Choice(["latencyMs", "computeMs"]),
+              help="latencyMs includes host<->device copies; computeMs is GPU compute only.")
+@click.option("--machine", default="jetson", show_default=True, help="Device name, e.g. 'Jetson Orin Nano 8GB'.")
+@click.option("--label", help="Plot label (default: the artifact's directory name).")
+@click.option("--rail", help="tegrastats rail to average (default: board input VDD_IN / POM_5V_IN).")
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="results.jsonl to append to.")
 @json_option
-def train_continual_cmd(model_run, data, out, tasks, protocol, ranks, components, group_size, ortho_weight, form,
-                        classes, epochs, lr, batch_size, seed, resume, as_json):
-    """Learn a task sequence with DATA (no rehearsal, no task id) and write exact and merged bundles.
+def profile_device_cmd(times, tegrastats, artifact, batch, metric, machine, label, rail, out, as_json):
+    """Turn an on-device trtexec trace (+ tegrastats power log) into a result row appended to -o.
+
+    Latency percentiles come from the per-inference trace, average power from the board input rail, energy
+    per image = power / throughput.
 
     \b
-    Example (backbone on digits 0-4, tasks {5,6}, {7,8,9}):
-      edgevit train baseline --data digits --classes 0,1,2,3,4 -o runs/base04
-      edgevit train continual --model runs/base04 --data digits -o runs/data --tasks 2
+    Example:
+      edgevit profile-device --trtexec-times times.json --tegrastats power.log \\
+          --artifact build/skip/orin-fp16 --machine "Jetson Orin Nano" -o results.jsonl
     """
-    from edgevit.methods.continual import ContinualConfig
-    from edgevit.methods.continual import train_continual as run
-    from edgevit.train import is_main_process
-    from edgevit.vit import read_meta
+    from edgevit.bench.device import profile_device
+    from edgevit.bench.schema import append_rows
 
-    cfg = ContinualConfig(protocol=protocol, tasks=tasks, ranks=tuple(_ints(ranks)), components=components,
-                          group_size=group_size, ortho_weight=ortho_weight, form=form)
-    run(model_run, data, out, cfg, _train_config(epochs, lr, batch_size, seed, data, warmup_epochs=1.0),
-        classes=classes.split(",") if classes else None, resume=resume)
-    if not is_main_process():
-        return
-    c = read_meta(out).metrics["continual"]
-    rows = "\n".join(f"  after task {i + 1}: " + " ".join(f"{a:.3f}" for a in row)
-                     for i, row in enumerate(c["accuracy"]))
-    forms = ", ".join(f"{k} {v['final_average_accuracy']:.4f}" for k, v in c["forms"].items())
-    _emit({"run": out, **c}, as_json,
-          f"wrote {out} ({form}); test top-1 per task ({', '.join(c['tasks'])}):\n{rows}\n"
-          f"final average accuracy {c['final_average_accuracy']:.4f}, average forgetting "
-          f"{c['average_forgetting']:.4f}; deployed forms: {forms}")
+    row = profile_device(times, artifact, tegrastats, batch, metric, machine, label, rail)
+    append_rows(out, [row])
+    power = f", {row.power_w:.2f} W, {row.energy_mj_per_image:.2f} mJ/img" if row.power_w is not None else ""
+    _emit(row.model_dump(exclude_none=True), as_json,
+          f"{row.label}: p50 {row.latency_ms.p50:.3f} ms, {row.throughput_ips:.1f} img/s{power}; appended to {out}")
 
 
-# --- method 2: skip-pruned graphs (attention sub-layers removed) ----------------------------------------------
-
-def _ratio(value: str | None) -> float | None:
-    from fractions import Fraction
-
-    if value is None:
-        return None
-    try:
-        return float(Fraction(value))
-    except (ValueError, ZeroDivisionError):
-        raise click.BadParameter(f"expected a fraction such as 1/3 or 0.33, got {value!r}") from None
-
-
-@train.command("skip")
-@click.option("--model", "model_run", required=True, type=click.Path(exists=True, file_okay=False),
-              help="The bundle to prune (a run directory).")
-@data_option
-@out_option
-@click.option("--ratio", help="Fraction of attention sub-layers to remove, e.g. 1/3 (default 1/3).")
-@click.option("--blocks", help="Remove exactly these blocks' attention, e.g. 3,7 (instead of --ratio/--select).")
-@click.option("--select", type=click.Choice(["cosine", "cosine-pooled", "last", "random"]),
-              help="cosine: least-change sub-layers on calibration images (mean over all tokens); cosine-pooled: "
-                   "the same over the tokens the head pools (class token); last: deepest, final block kept; "
-                   "random: seeded control. Default cosine-pooled; with --sweep, limits the sweep to one strategy.")
-@click.option("--heal-epochs", default=5, show_default=True, type=int,
-              help="Healing fine-tune of the remaining weights (0: remove only).")
-@click.option("--lr", default=2e-4, show_default=True, type=float, help="Healing peak learning rate.")
-@click.option("--batch-size", default=64, show_default=True, type=int)
-@click.option("--calib", default=64, show_default=True, type=int,
-              help="Class-balanced training images the cosine scores are measured on.")
-@click.option("--distill", default=0.5, show_default=True, type=float,
-              help="Healing loss: (1 - W) * cross-entropy + W * KL(unpruned model || pruned model).")
-@click.option("--sweep", is_flag=True, help="Ratios 0, 1/6, 1/3, 1/2 x every strategy, before/after healing, "
-                                            "with ORT CPU latency: result rows in OUT/sweep.jsonl.")
-@click.option("--threads", default=2, show_default=True, type=int, help="--sweep: ORT CPU threads for latency.")
-@seed_option
-@resume_option
+@main.command("report")
+@click.argument("results", type=click.Path(dir_okay=False))
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Report directory.")
+@click.option("--baseline-label", help="Reference row label in each setting (default: the baseline method).")
 @json_option
-def train_skip_cmd(model_run, data, out, ratio, blocks, select, heal_epochs, lr, batch_size, calib, distill, sweep,
-                   threads, seed, resume, as_json):
-    """Remove attention sub-layers (LayerNorm, qkv, proj, LayerScale) from a bundle, then heal it.
+def report_cmd(results, out, baseline_label, as_json):
+    """Write report.md, pareto.png and report.json from a results.jsonl.
 
     \b
-    Examples:
-      edgevit train skip --model runs/base --data digits -o runs/skip --ratio 1/3 --select cosine-pooled
-      edgevit train skip --model runs/base --data digits -o runs/skip-sweep --sweep --heal-epochs 3
-      edgevit report runs/skip-sweep/sweep.jsonl -o report/skip
+    Example:
+      edgevit report results.jsonl -o report/
     """
-    from edgevit.methods import skip
+    from edgevit.bench.report import build_report
 
-    train_cfg = _train_config(heal_epochs, lr, batch_size, seed, data, warmup_epochs=min(0.5, heal_epochs))
-    if not sweep:
-        cfg = skip.SkipConfig(select=select or "cosine-pooled", ratio=_ratio(ratio), blocks=_ints(blocks), calib=calib,
-                              distill=distill)
-        skip.train_skip(model_run, data, out, cfg, train_cfg, resume=resume)
-        _report_bundle(out, as_json)
-        return
-    if ratio is not None or blocks is not None:
-        raise click.UsageError("--sweep runs its own ratios; drop --ratio/--blocks")
-    from edgevit.bench.schema import read_rows
+    report = build_report(results, out, baseline_label)
+    n = sum(len(s["rows"]) for s in report["settings"])
+    _emit(report, as_json, f"wrote {out}/report.md, report.json" + (", pareto.png" if report["pareto_png"] else "")
+          + f" ({n} rows in {len(report['settings'])} settings)")
 
-    results = skip.sweep_skip(model_run, data, out, train_cfg, selects=[select] if select else skip.SELECTIONS,
-                              calib=calib, distill=distill, threads=threads, resume=resume)
-    rows = read_rows(results)
-    text = "\n".join(f"{r.label:28s} top-1 {r.top1:.4f}  p50 {r.latency_ms.p50:8.3f} ms  blocks "
-                     f"{r.settings['blocks']}" for r in rows) + f"\nwrote {results}"
-    _emit({"results": str(results), "rows": [r.model_dump(exclude_none=True) for r in rows]}, as_json, text)
 
+# --- demo ----------------------------------------------------------------------------------------------------
 
 @main.command("demo")
 @click.option("-o", "--out", default="demo", show_default=True, type=click.Path(file_okay=False),
