@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from edgevit.bench.latency import ort_session
+from edgevit.bench.latency import interleaved_p50_ms as p50_ms
 from edgevit.export import onnx as onnx_export
 from edgevit.export import quantize
 from edgevit.export.profiles import BatchSpec, Calibration, Int8Options
@@ -33,19 +32,6 @@ def graphs(model: torch.nn.Module, sample: np.ndarray, calib: np.ndarray, work: 
     quantize.quantize_dynamic(work / "fp32.onnx", work / "dynamic.onnx", opts)
     return {k: work / f"{k}.onnx" for k in ("fp32", "static", "dynamic")}
 
-
-def p50_ms(paths: dict[str, Path], x: np.ndarray, threads: int, rounds: int, iters: int) -> dict[str, float]:
-    sessions = {k: ort_session(p, threads) for k, p in paths.items()}
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    for _ in range(rounds):  # interleaved so drift on a shared machine hits every variant alike
-        for k, s in sessions.items():
-            for _ in range(3):
-                s.run(None, {"input": x})
-            for _ in range(iters):
-                t = time.perf_counter()
-                s.run(None, {"input": x})
-                times[k].append((time.perf_counter() - t) * 1e3)
-    return {k: float(np.median(v)) for k, v in times.items()}
 
 
 def report(name: str, ms: dict[str, float], top1: dict[str, float] | None = None) -> None:

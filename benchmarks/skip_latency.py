@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,25 +20,11 @@ import onnx
 import torch
 
 from edgevit.bench.flops import count_flops, count_params
-from edgevit.bench.latency import ort_session
+from edgevit.bench.latency import interleaved_p50_ms as p50_ms
 from edgevit.export.onnx import export_onnx
 from edgevit.export.profiles import BatchSpec
 from edgevit.methods.skip import count_to_drop, select_blocks, skipped
 from edgevit.vit import create_vit
-
-
-def p50_ms(paths: dict[str, Path], x: np.ndarray, threads: int, rounds: int, iters: int) -> dict[str, float]:
-    sessions = {k: ort_session(p, threads) for k, p in paths.items()}
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    for _ in range(rounds):  # interleaved so drift on a shared machine hits both graphs alike
-        for k, s in sessions.items():
-            for _ in range(2):
-                s.run(None, {"input": x})
-            for _ in range(iters):
-                t = time.perf_counter()
-                s.run(None, {"input": x})
-                times[k].append((time.perf_counter() - t) * 1e3)
-    return {k: float(np.median(v)) for k, v in times.items()}
 
 
 def main() -> None:

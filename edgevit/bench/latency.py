@@ -181,3 +181,28 @@ def time_torch(model, inputs: Sequence[np.ndarray], threads: int, cfg: TimingCon
                              timer=CudaEventTimer if device.startswith("cuda") else None)
     finally:
         torch.set_num_threads(previous)
+
+
+def interleaved_p50_ms(paths: dict[str, Path], x: np.ndarray, threads: int, rounds: int, iters: int,
+                       warmup: int = 3) -> dict[str, float]:
+    """Median ms per run of several ONNX graphs on one input, timed in interleaved rounds so that drift on
+    a shared machine hits every graph alike: the side-by-side comparison the ``benchmarks/`` scripts print.
+
+    Args:
+        paths: graph name -> ONNX file (single input named ``input``).
+        x: the input batch.
+        threads: ORT intra-op threads.
+        rounds: interleaved rounds over all graphs.
+        iters: timed runs per graph per round (after ``warmup`` untimed ones).
+    """
+    sessions = {k: ort_session(p, threads) for k, p in paths.items()}
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    for _ in range(rounds):
+        for k, session in sessions.items():
+            for _ in range(warmup):
+                session.run(None, {"input": x})
+            for _ in range(iters):
+                t = time.perf_counter()
+                session.run(None, {"input": x})
+                times[k].append((time.perf_counter() - t) * 1e3)
+    return {k: float(np.median(v)) for k, v in times.items()}
