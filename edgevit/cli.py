@@ -166,17 +166,23 @@ def train_baseline(data, out, model_name, img_size, patch_size, embed_dim, depth
                    "of logits.")
 @click.option("--data-fraction", default=1.0, show_default=True, type=float,
               help="Class-stratified fraction of the training split (low-data regimes).")
+@click.option("--classes", help="Comma-separated subset of the data's classes for the student (default: all).")
 @train_options(epochs=40, lr=1e-3)
 @resume_option
 @json_option
 def train_transfer(teacher_run, data, out, mode, model_name, img_size, patch_size, embed_dim, depth, heads, layers,
-                   weight, head_map, data_fraction, epochs, lr, batch_size, seed, resume, as_json):
+                   weight, head_map, data_fraction, classes, epochs, lr, batch_size, seed, resume, as_json):
     """Train a student from scratch that inherits a frozen teacher's attention patterns (Li et al. 2024).
 
     \b
     Example (a student half as wide and two blocks shallower than its teacher):
       edgevit train baseline --data digits -o runs/base
       edgevit train transfer --teacher runs/base --data digits -o runs/student --embed-dim 48 --depth 4
+    \b
+    The paper's setting (a teacher pre-trained elsewhere, a small downstream task):
+      edgevit train baseline --data digits --classes 0,1,2,3,4 -o runs/base04
+      edgevit train transfer --teacher runs/base04 --data digits --classes 5,6,7,8,9 --data-fraction 0.03 \\
+        -o runs/student59 --embed-dim 32 --depth 4 --heads 2
     """
     from edgevit.methods.transfer import TransferConfig
     from edgevit.methods.transfer import train_transfer as run
@@ -184,7 +190,7 @@ def train_transfer(teacher_run, data, out, mode, model_name, img_size, patch_siz
     sizes = {"patch_size": patch_size, "embed_dim": embed_dim, "depth": depth, "num_heads": heads}
     cfg = TransferConfig(mode=mode, layers=layers, weight=weight, head_map=head_map, data_fraction=data_fraction)
     run(teacher_run, data, out, cfg, model_name=model_name, img_size=img_size,
-        arch={k: v for k, v in sizes.items() if v is not None},
+        arch={k: v for k, v in sizes.items() if v is not None}, classes=classes.split(",") if classes else None,
         train_cfg=_train_config(epochs, lr, batch_size, seed, data), resume=resume)
     _report_bundle(out, as_json)
     if mode == "copy" and not as_json:

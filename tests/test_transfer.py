@@ -197,3 +197,21 @@ def test_cli_end_to_end(digits_bundle, tmp_path):
 
     bad = runner.invoke(main, ["train", "transfer", *common, "--patch-size", "2", "-o", str(tmp_path / "bad")])
     assert bad.exit_code == 2 and "patch grids" in bad.output and "Traceback" not in bad.output
+
+
+def test_cli_student_learns_a_class_subset(digits_bundle, tmp_path):
+    """The paper's setting: the teacher's classes need not be the student's (only its maps are used)."""
+    runner = CliRunner()
+    common = ["--teacher", str(digits_bundle), "--data", "digits", "--embed-dim", "24", "--depth", "2",
+              "--heads", "1", "--epochs", "1", "--data-fraction", "0.2", "--json"]
+    out = tmp_path / "student59"
+    result = runner.invoke(main, ["train", "transfer", *common, "--classes", "5,6,7,8,9", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    model, meta = load_bundle(out)
+    assert meta.classes == meta.data.classes == ["5", "6", "7", "8", "9"] and model.head.out_features == 5
+    subset = load_split("digits", "train", meta.preprocessing, meta.classes)
+    assert meta.metrics["train_images"] == len(fraction_subset(subset, 0.2, seed=0))
+
+    bad = runner.invoke(main, ["train", "transfer", *common, "--classes", "5,x", "-o", str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and "'x'" in bad.output and "Traceback" not in bad.output
+    assert not (tmp_path / "bad" / "bundle.json").exists()

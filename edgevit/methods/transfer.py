@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from edgevit.data import data_ref, fraction_subset, load_split, source_classes
+from edgevit.data import data_ref, fraction_subset, load_ref, load_split, source_classes
 from edgevit.data.transforms import default_preprocessing
 from edgevit.errors import EdgeVitError
 from edgevit.train import TrainConfig, evaluate, fit, is_main_process
@@ -293,6 +293,7 @@ def train_transfer(
         model_name: str | None = None,
         img_size: int | None = None,
         arch: dict[str, Any] | None = None,
+        classes: list[str] | None = None,
         train_cfg: TrainConfig | None = None,
         resume: bool = False,
 ) -> Path:
@@ -300,12 +301,13 @@ def train_transfer(
 
     Args:
         teacher_dir: the teacher bundle (its classes may differ from ``data``'s: only its attention is used).
-        data: ``digits`` or an image folder; the student learns all its classes.
+        data: ``digits`` or an image folder.
         out: the run directory (student bundle + training checkpoint holding the teacher and mixers).
         cfg: transfer settings.
         model_name: the student's timm architecture (default: the teacher's).
         img_size: the student's input side (default: the teacher's); the patch grid must match the teacher's.
         arch: student architecture overrides (patch_size, embed_dim, depth, num_heads).
+        classes: the subset of ``data``'s classes the student learns (default: all).
         train_cfg: optimisation settings.
         resume: continue a killed run in ``out``.
     """
@@ -313,7 +315,7 @@ def train_transfer(
     cfg.check()
     train_cfg = train_cfg or TrainConfig()
     teacher, teacher_meta = load_bundle(teacher_dir)
-    classes = source_classes(data)
+    classes = classes or source_classes(data)
     name, kwargs = student_arch(teacher_meta, model_name, img_size, arch, len(classes))
     pre = default_preprocessing(kwargs["img_size"], teacher_meta.preprocessing.channels)
     if (pre.mean, pre.std) != (teacher_meta.preprocessing.mean, teacher_meta.preprocessing.std):
@@ -323,11 +325,11 @@ def train_transfer(
     model = TransferStudent(create_vit(name, **kwargs), teacher, cfg)
     out = prepare_run_dir(out, resume)
     meta = BundleMeta(base=BaseArch(name=name, kwargs=kwargs), preprocessing=pre, classes=classes,
-                      data=data_ref(data))
-    train_set = load_split(data, "train", pre)
+                      data=data_ref(data, classes))
+    train_set = load_split(data, "train", pre, classes)
     if cfg.data_fraction < 1.0:
         train_set = fraction_subset(train_set, cfg.data_fraction, train_cfg.seed)
-    val_set = load_split(data, "val", pre)
+    val_set = load_split(data, "val", pre, classes)
     with torch.no_grad():  # fail early, with a clear line, on maps that do not fit
         model(train_set[0][0][None], attention_loss=True)
     loss_fn = transfer_loss(cfg.weight, train_cfg.label_smoothing)
@@ -337,10 +339,11 @@ def train_transfer(
         model.eval()
         deploy: dict[str, Any] = {"deployable": True}
         if cfg.mode == "copy":
+            alone = evaluate(model.student, load_ref(meta.data, "test", pre))
             meta.metrics = {**split_metrics(model, meta),
                             "how": "top-1 of the student with the teacher's attention injected (the teacher runs "
                                    "too), torch fp32, eval mode, on the bundle's data splits",
-                            "student_alone_test_top1": round(evaluate(model.student, load_split(data, "test", pre)), 5)}
+                            "student_alone_test_top1": round(alone, 5)}
             deploy = {"deployable": False, "needs_teacher": str(Path(teacher_dir).resolve()),
                       "not_deployable_reason": "attention copy: the student attends with the teacher's maps, so "
                                                "the teacher must run at inference (see edgevit.methods.transfer)"}
