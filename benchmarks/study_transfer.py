@@ -18,8 +18,10 @@ learning rate schedule and augmentation:
 
 Accuracy is measured on every 5-9 image outside the seed's training subset (the rest of the train split, val
 and test: ~830 images, a binomial standard error of ~1 point where the 179-image test split alone gives ~2).
-Prints mean +- std over seeds and torch CPU latency at batch 1 (one thread) as a markdown table. About 12 min
-on one core for the default 5 seeds (pass ``--teacher RUN`` to reuse a pre-trained teacher):
+Prints mean +- std over seeds, the paired per-seed differences (a seed's subset is much of the spread: 20
+images are easier or harder to learn from), and torch CPU latency at batch 1 (one thread) as a markdown
+table. About 25 min on one core for the default 10 seeds (``--seeds 0,1,2`` for a quick look; pass
+``--teacher RUN`` to reuse a pre-trained teacher):
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/study_transfer.py
 """
@@ -188,7 +190,8 @@ def latencies_ms(models: dict[str, nn.Module], size: int, rounds: int = 9) -> di
 def paired(rows: list[dict], a: str, b: str) -> str:
     """Mean +- std over seeds of ``a - b`` on the same subset: the seed's subset difficulty cancels."""
     diffs = [100 * (r[a] - r[b]) for r in rows]
-    return f"{statistics.mean(diffs):+.1f} ± {statistics.stdev(diffs) if len(diffs) > 1 else 0.0:.1f}"
+    std = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+    return f"{statistics.mean(diffs):+.1f} ± {std:.1f} (higher in {sum(d > 0 for d in diffs)}/{len(diffs)} seeds)"
 
 
 def main() -> None:
@@ -196,7 +199,7 @@ def main() -> None:
     parser.add_argument("--teacher", help="reuse a pre-trained teacher bundle (default: train one in --work)")
     parser.add_argument("--work", help="working directory (default: a temporary one)")
     parser.add_argument("--fraction", type=float, default=0.03, help="class-stratified share of the 5-9 train split")
-    parser.add_argument("--seeds", default="0,1,2,3,4")
+    parser.add_argument("--seeds", default=",".join(map(str, range(10))))
     parser.add_argument("--steps", type=int, default=1500, help="optimizer steps per model")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3, help="students' peak lr (the teacher fine-tunes at 5e-4)")
