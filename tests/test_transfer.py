@@ -176,6 +176,7 @@ def test_cli_end_to_end(digits_bundle, tmp_path):
     model, meta = load_bundle(out)  # a plain student bundle
     assert meta.surgery == [] and meta.base.kwargs["embed_dim"] == 24 and len(model.blocks) == 3
     assert meta.provenance["method"] == "transfer" and meta.provenance["deployable"] is True
+    assert meta.data.classes is None  # all of digits: the same task as its teacher, compared in one report panel
     assert meta.provenance["layer_map"] == [[0, 0], [1, 2]]  # round(4/3)-1, round(8/3)-1: 3 of a 4-layer teacher
     train_split = load_split("digits", "train", meta.preprocessing)
     assert meta.metrics["train_images"] == len(fraction_subset(train_split, 0.3, seed=0)) < len(train_split)

@@ -222,6 +222,9 @@ def fingerprint(source: str) -> str:
 
 
 def data_ref(source: str, classes: list[str] | None = None) -> DataRef:
+    """Where a bundle's data came from; ``classes`` only when a subset (all of them = the same task as None)."""
+    if classes is not None and list(classes) == source_classes(source):
+        classes = None
     source = source if source == DIGITS else str(Path(source).resolve())
     return DataRef(source=source, classes=classes, fingerprint=fingerprint(source))
 

@@ -86,7 +86,7 @@ def train_baseline(
     if init and not (resume and (out / "checkpoint.pt").exists()):
         load_init_weights(init, model)
 
-    ref = data_ref(data, classes if classes != source_classes(data) else None)
+    ref = data_ref(data, classes)
     meta = BundleMeta(base=BaseArch(name=model_name, kwargs=kwargs), preprocessing=pre, classes=classes,
                       data=ref)
     train_set = load_split(data, "train", pre, ref.classes)

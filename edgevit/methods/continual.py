@@ -75,7 +75,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
-from edgevit.data import calibration_batch, data_ref, load_split, source_classes
+from edgevit.data import calibration_batch, data_ref, load_split
 from edgevit.errors import EdgeVitError
 from edgevit.train import TrainConfig, evaluate, fit, is_main_process
 from edgevit.train.loop import CHECKPOINT
@@ -566,7 +566,7 @@ def train_continual(
     final = {name: [round(evaluate(model, t.splits["test"]), 5) for t in tasks] for name, (model, _) in forms.items()}
     summary = {name: {"final_accuracy": row, "final_average_accuracy": round(sum(row) / len(row), 5)}
                for name, row in final.items()}
-    ref = data_ref(data, classes if classes != source_classes(data) else None)
+    ref = data_ref(data, classes)
     trainable = sum(p.numel() for n, p in learner.named_parameters() if p.requires_grad and not n.startswith("heads"))
     for name, (model, surgery) in forms.items():
         meta_out = BundleMeta(base=BaseArch(name=meta.base.name, kwargs={**meta.base.kwargs,

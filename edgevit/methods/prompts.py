@@ -51,7 +51,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.utils.data import Dataset
 
-from edgevit.data import calibration_batch, data_ref, load_split, source_classes
+from edgevit.data import calibration_batch, data_ref, load_split
 from edgevit.errors import EdgeVitError
 from edgevit.train import TrainConfig, fit, is_main_process
 from edgevit.train.run import prepare_run_dir, provenance, split_metrics, unseen_classes
@@ -473,7 +473,7 @@ def train_prompts(
     tuner.cpu().eval()
     merged, ops = merge_prompts(tuner)
     kwargs = {**meta.base.kwargs, "num_classes": len(classes)}
-    ref = data_ref(data, classes if classes != source_classes(data) else None)
+    ref = data_ref(data, classes)
     out_meta = BundleMeta(base=BaseArch(name=meta.base.name, kwargs=kwargs), surgery=[*meta.surgery, *ops],
                           preprocessing=pre, classes=classes, data=ref)
     with torch.no_grad():

@@ -47,7 +47,7 @@ from torch.utils.data import Dataset
 from edgevit.bench.flops import count_flops, count_params
 from edgevit.bench.latency import TimingConfig, ort_session, rotation_inputs, time_onnx
 from edgevit.bench.schema import Latency, ResultRow, append_rows, machine_info, read_rows
-from edgevit.data import calibration_batch, data_ref, load_split, source_classes
+from edgevit.data import calibration_batch, data_ref, load_split
 from edgevit.errors import EdgeVitError
 from edgevit.train import TrainConfig, fit, is_main_process
 from edgevit.train.loop import LossFn
@@ -296,7 +296,7 @@ def prepare_skip(model_dir: str | Path, data: str) -> tuple[VisionTransformer, B
     """The bundle in ``model_dir`` with its metadata pointed at ``data`` (which must hold its classes)."""
     model, meta = load_bundle(model_dir)
     meta = meta.model_copy(deep=True)
-    meta.data = data_ref(data, None if meta.classes == source_classes(data) else meta.classes)
+    meta.data = data_ref(data, meta.classes)
     return model, meta
 
 
