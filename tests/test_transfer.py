@@ -215,4 +215,4 @@ def test_cli_student_learns_a_class_subset(digits_bundle, tmp_path):
 
     bad = runner.invoke(main, ["train", "transfer", *common, "--classes", "5,x", "-o", str(tmp_path / "bad")])
     assert bad.exit_code == 2 and "'x'" in bad.output and "Traceback" not in bad.output
-    assert not (tmp_path / "bad" / "bundle.json").exists()
+    assert not (tmp_path / "bad").exists()

@@ -323,7 +323,6 @@ def train_transfer(
                            f"{teacher_meta.preprocessing.std}; the student would see differently normalised images")
     torch.manual_seed(train_cfg.seed)
     model = TransferStudent(create_vit(name, **kwargs), teacher, cfg)
-    out = prepare_run_dir(out, resume)
     meta = BundleMeta(base=BaseArch(name=name, kwargs=kwargs), preprocessing=pre, classes=classes,
                       data=data_ref(data, classes))
     train_set = load_split(data, "train", pre, classes)
@@ -332,6 +331,7 @@ def train_transfer(
     val_set = load_split(data, "val", pre, classes)
     with torch.no_grad():  # fail early, with a clear line, on maps that do not fit
         model(train_set[0][0][None], attention_loss=True)
+    out = prepare_run_dir(out, resume)
     loss_fn = transfer_loss(cfg.weight, train_cfg.label_smoothing)
     result = fit(model, train_set, train_cfg, out, loss_fn=loss_fn, val_set=val_set, resume=resume,
                  description=f"transfer-{cfg.mode}")
