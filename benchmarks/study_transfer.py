@@ -125,7 +125,7 @@ def fine_tuned(teacher_dir: Path, num_classes: int, seed: int) -> nn.Module:
     return model
 
 
-def run_seed(teacher_dir: Path, args: argparse.Namespace, seed: int, work: Path) -> dict[str, float]:
+def run_seed(teacher_dir: Path, args: argparse.Namespace, seed: int, work: Path) -> dict:
     teacher, meta = load_bundle(teacher_dir)
     pre = meta.preprocessing
     full = load_split("digits", "train", pre, DOWNSTREAM_CLASSES)
@@ -144,6 +144,8 @@ def run_seed(teacher_dir: Path, args: argparse.Namespace, seed: int, work: Path)
         torch.manual_seed(seed)
         return create_vit(meta.base.name, **student_kwargs)
 
+    row: dict = {}
+
     def train(name: str, model: nn.Module, loss_fn=None, lr: float | None = None) -> nn.Module:
         out = work / f"{name.replace(' ', '-')}-{seed}"
         out.mkdir()
@@ -154,7 +156,6 @@ def run_seed(teacher_dir: Path, args: argparse.Namespace, seed: int, work: Path)
               f"{len(subset)} training images, {len(held_out)} held out)", flush=True)
         return model
 
-    row: dict = {}
     teacher_ft = train("teacher fine-tuned", fine_tuned(teacher_dir, num_classes, seed), lr=FINE_TUNE_LR)
     arms = {
         "scratch": lambda: (student(), None),
