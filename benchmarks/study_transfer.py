@@ -88,11 +88,14 @@ def logit_distillation_loss(temperature: float = 4.0, alpha: float = 0.5, label_
 
 @torch.no_grad()
 def map_kl(model: TransferStudent, dataset: Dataset) -> float:
-    """KL(teacher's mapped maps || student's maps), summed over transferred layers, averaged over images:
-    how well the distilled student reproduces the teacher's attention on ``dataset``."""
+    """KL(teacher's maps || student's maps), summed over transferred layers, averaged over images: how well the
+    distilled student reproduces the teacher's attention on ``dataset``. The targets are those of the loss: the
+    group-averaged teacher maps, or with learned mixers each teacher head (matched by mixed student logits)."""
     total, seen = 0.0, 0
     for x, _ in DataLoader(dataset, batch_size=128):
-        targets = [mix_heads(model.groups, m.softmax(-1)) for m in model.teacher_logits(x)]
+        targets = [m.softmax(-1) for m in model.teacher_logits(x)]
+        if model.mixers is None:
+            targets = [mix_heads(model.groups, p) for p in targets]
         entropy = sum(soft_cross_entropy(p, p.clamp_min(1e-12).log()) for p in targets)
         _, cross_entropy = model.eval()(x, attention_loss=True)
         total += (cross_entropy - entropy).item() * len(x)
