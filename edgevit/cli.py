@@ -46,6 +46,17 @@ def _ints(value: str | None) -> list[int] | None:
         raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
 
 
+def classes_option(help: str):
+    """``--classes A,B,C``, passed on as a list of class names (None when not given)."""
+    return click.option("--classes", help=help, callback=lambda ctx, param, value: value.split(",") if value else None)
+
+
+def _arch(patch_size: int | None, embed_dim: int | None, depth: int | None, heads: int | None) -> dict | None:
+    """timm architecture overrides from the size flags that were given (None: none given)."""
+    sizes = {"patch_size": patch_size, "embed_dim": embed_dim, "depth": depth, "num_heads": heads}
+    return {k: v for k, v in sizes.items() if v is not None} or None
+
+
 json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 data_option = click.option("--data", required=True,
                            help="'digits' (embedded, offline) or an image folder of class sub-folders.")
@@ -118,7 +129,7 @@ def train() -> None:
 @click.option("--embed-dim", type=int, help="Override the width.")
 @click.option("--depth", type=int, help="Override the number of blocks.")
 @click.option("--heads", type=int, help="Override the number of heads.")
-@click.option("--classes", help="Comma-separated subset of the data's classes (default: all).")
+@classes_option("Comma-separated subset of the data's classes (default: all).")
 @click.option("--init", type=click.Path(dir_okay=False),
               help="Local checkpoint to start from (.safetensors, or a torch state dict).")
 @train_options(epochs=40, lr=1e-3)
@@ -134,10 +145,8 @@ def train_baseline(data, out, model_name, img_size, patch_size, embed_dim, depth
     """
     from edgevit.methods.baseline import train_baseline as run
 
-    sizes = {"patch_size": patch_size, "embed_dim": embed_dim, "depth": depth, "num_heads": heads}
-    arch = {k: v for k, v in sizes.items() if v is not None} or None
-    run(data, out, model_name=model_name, img_size=img_size, arch=arch,
-        classes=classes.split(",") if classes else None, init=init,
+    run(data, out, model_name=model_name, img_size=img_size, arch=_arch(patch_size, embed_dim, depth, heads),
+        classes=classes, init=init,
         cfg=_train_config(epochs, lr, batch_size, seed, data), resume=resume)
     _report_bundle(out, as_json)
 
@@ -166,7 +175,7 @@ def train_baseline(data, out, model_name, img_size, patch_size, embed_dim, depth
                    "of logits.")
 @click.option("--data-fraction", default=1.0, show_default=True, type=float,
               help="Class-stratified fraction of the training split (low-data regimes).")
-@click.option("--classes", help="Comma-separated subset of the data's classes for the student (default: all).")
+@classes_option("Comma-separated subset of the data's classes for the student (default: all).")
 @train_options(epochs=40, lr=1e-3)
 @resume_option
 @json_option
@@ -187,10 +196,9 @@ def train_transfer(teacher_run, data, out, mode, model_name, img_size, patch_siz
     from edgevit.methods.transfer import TransferConfig
     from edgevit.methods.transfer import train_transfer as run
 
-    sizes = {"patch_size": patch_size, "embed_dim": embed_dim, "depth": depth, "num_heads": heads}
     cfg = TransferConfig(mode=mode, layers=layers, weight=weight, head_map=head_map, data_fraction=data_fraction)
     run(teacher_run, data, out, cfg, model_name=model_name, img_size=img_size,
-        arch={k: v for k, v in sizes.items() if v is not None}, classes=classes.split(",") if classes else None,
+        arch=_arch(patch_size, embed_dim, depth, heads), classes=classes,
         train_cfg=_train_config(epochs, lr, batch_size, seed, data), resume=resume)
     _report_bundle(out, as_json)
     if mode == "copy" and not as_json:
@@ -331,7 +339,7 @@ def train_memory(model_dir, data, out, block, slots, topk, momentum, prototypes,
 @click.option("--form", type=click.Choice(["merged", "exact"]), default="merged", show_default=True,
               help="Bundle written to OUT: merged (mean scales folded, the base graph) or exact (per-sample "
                    "scale branch); the other form goes to OUT/<form>/.")
-@click.option("--classes", help="Task classes (default: DATA's classes the backbone was not trained on).")
+@classes_option("Task classes (default: DATA's classes the backbone was not trained on).")
 @train_options(epochs=10, lr=3e-3)
 @resume_option
 @json_option
@@ -352,7 +360,7 @@ def train_continual_cmd(model_run, data, out, tasks, protocol, ranks, components
     cfg = ContinualConfig(protocol=protocol, tasks=tasks, ranks=tuple(_ints(ranks)), components=components,
                           group_size=group_size, ortho_weight=ortho_weight, form=form)
     run(model_run, data, out, cfg, _train_config(epochs, lr, batch_size, seed, data, warmup_epochs=1.0),
-        classes=classes.split(",") if classes else None, resume=resume)
+        classes=classes, resume=resume)
     if not is_main_process():
         return
     c = read_meta(out).metrics["continual"]
@@ -382,7 +390,7 @@ def train_continual_cmd(model_run, data, out, tasks, protocol, ranks, components
 @click.option("--variant", type=click.Choice(["vpt", "fwhiten", "twhiten", "bilinear"]), default="bilinear",
               show_default=True, help="vpt: plain prompts; fwhiten/twhiten: P = A W^T, W frozen/trained; "
                                       "bilinear: BPT.")
-@click.option("--classes", help="Downstream classes (default: DATA's classes the backbone was not trained on).")
+@classes_option("Downstream classes (default: DATA's classes the backbone was not trained on).")
 @click.option("--whiten-images", default=100, show_default=True, help="Training images the whitening uses.")
 @click.option("--eps", default=0.1, show_default=True, help="Whitening ridge, relative to the mean eigenvalue.")
 @click.option("--covariance", type=click.Choice(["tokens", "mean"]), default="tokens", show_default=True,
@@ -406,7 +414,7 @@ def train_prompts(model_run, data, out, prompts, deep, rank, whiten, variant, cl
     cfg = PromptConfig(prompts=prompts, deep=deep, rank=rank, variant=variant, whiten=whiten,
                        whiten_images=whiten_images, eps=eps, covariance=covariance, trainable_top=trainable_top)
     run(model_run, data, out, cfg=cfg, train_cfg=_train_config(epochs, lr, batch_size, seed, data),
-        classes=classes.split(",") if classes else None, resume=resume)
+        classes=classes, resume=resume)
     _report_bundle(out, as_json)
 
 
@@ -418,7 +426,7 @@ def inspect_group() -> None:
 @inspect_group.command("burstiness")
 @click.argument("run", type=click.Path(exists=True, file_okay=False))
 @data_option
-@click.option("--classes", help="Classes of DATA to measure on (default: all).")
+@classes_option("Classes of DATA to measure on (default: all).")
 @click.option("--images", default=100, show_default=True, help="Training images to fit the whitening on "
                                                                "(as many validation images are measured).")
 @click.option("--eps", default=0.1, show_default=True, help="Whitening ridge, relative to the mean eigenvalue.")
@@ -433,7 +441,7 @@ def inspect_burstiness(run, data, classes, images, eps, covariance, as_json):
     """
     from edgevit.methods.prompts import measure_burstiness
 
-    report = measure_burstiness(run, data, classes.split(",") if classes else None, images, eps, covariance)
+    report = measure_burstiness(run, data, classes, images, eps, covariance)
     lines = [f"{'block':>5} {'kurtosis':>17} {'max/median':>17}"]
     lines += [f"{r['block']:>5} {r['kurtosis_before']:>8.2f} -> {r['kurtosis_after']:<6.2f} "
               f"{r['max_median_before']:>8.1f} -> {r['max_median_after']:<6.1f}" for r in report["blocks"]]

@@ -94,6 +94,23 @@ def test_time_loop_counts_and_budget():
     assert lat.p50 >= 2.0
 
 
+def test_interleaved_p50_times_every_graph(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    from edgevit.bench.latency import interleaved_p50_ms
+
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 64])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])
+    paths = {}
+    for op in ("Relu", "Sigmoid"):
+        graph = helper.make_graph([helper.make_node(op, ["input"], ["y"])], op, [x], [y])
+        paths[op] = tmp_path / f"{op}.onnx"
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), paths[op])
+    p50 = interleaved_p50_ms(paths, np.ones((1, 64), np.float32), threads=1, rounds=2, iters=5)
+    assert set(p50) == {"Relu", "Sigmoid"} and all(0 < ms < 100 for ms in p50.values())
+
+
 def test_rotation_inputs_are_fixed_and_distinct():
     a, b = rotation_inputs((2, 1, 8, 8)), rotation_inputs((2, 1, 8, 8))
     assert len(a) == 4 and all(x.dtype == np.float32 and x.shape == (2, 1, 8, 8) for x in a)

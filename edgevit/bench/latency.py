@@ -64,6 +64,12 @@ def time_loop(run: Callable[[int], object], cfg: TimingConfig, timer: Callable[[
         timer: makes the per-iteration clock; default wall clock (CPU work is synchronous).
         on_step: called after every timed iteration (progress bars).
     """
+    return summarize(timed_runs(run, cfg, timer, on_step))
+
+
+def timed_runs(run: Callable[[int], object], cfg: TimingConfig, timer: Callable[[], Timer] | None = None,
+               on_step: Callable[[], None] | None = None) -> list[float]:
+    """The per-iteration milliseconds :func:`time_loop` summarizes (same arguments)."""
     for i in range(cfg.warmup):
         run(i)
     clock = (timer or WallTimer)()
@@ -80,7 +86,7 @@ def time_loop(run: Callable[[int], object], cfg: TimingConfig, timer: Callable[[
                 break
         elif (i >= MIN_ITERATIONS and time.perf_counter() - start >= cfg.seconds) or i >= MAX_ITERATIONS:
             break
-    return summarize(times)
+    return times
 
 
 class Timer:
@@ -196,13 +202,9 @@ def interleaved_p50_ms(paths: dict[str, Path], x: np.ndarray, threads: int, roun
         iters: timed runs per graph per round (after ``warmup`` untimed ones).
     """
     sessions = {k: ort_session(p, threads) for k, p in paths.items()}
+    cfg = TimingConfig(warmup=warmup, iterations=iters)
     times: dict[str, list[float]] = {k: [] for k in sessions}
     for _ in range(rounds):
         for k, session in sessions.items():
-            for _ in range(warmup):
-                session.run(None, {"input": x})
-            for _ in range(iters):
-                t = time.perf_counter()
-                session.run(None, {"input": x})
-                times[k].append((time.perf_counter() - t) * 1e3)
+            times[k] += timed_runs(lambda i, session=session: session.run(None, {"input": x}), cfg)
     return {k: float(np.median(v)) for k, v in times.items()}

@@ -122,7 +122,7 @@ def artifact_fields(artifact: Artifact) -> dict[str, Any]:
 
 def task_name(meta) -> str:
     """``source`` or ``source[classes]``: accuracies are comparable only within one task."""
-    source = Path(meta.data.source).name if meta.data.source != "digits" else "digits"
+    source = Path(meta.data.source).name  # "digits", or the image folder's name
     return source + (f"[{','.join(meta.data.classes)}]" if meta.data.classes else "")
 
 
