@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edgevit.errors import EdgeVitError
+from edgevit.resources import shipped_dir
 
 PROFILE_DIR = "export_profiles"
 PROFILE_ENV = "EDGEVIT_PROFILES"
@@ -175,7 +176,7 @@ def search_dirs(folder: str = PROFILE_DIR, env: str = PROFILE_ENV) -> list[Path]
     """Where named profiles (or calibration manifests) live: ``$env`` folders, ``./folder``, and the folder
     next to the package (the repository root in a source checkout)."""
     dirs = [Path(p) for p in os.environ.get(env, "").split(os.pathsep) if p]
-    dirs += [Path.cwd() / folder, Path(__file__).resolve().parents[2] / folder]
+    dirs += [Path.cwd() / folder, shipped_dir(folder)]
     unique: list[Path] = []
     for d in dirs:
         if d.is_dir() and d.resolve() not in [u.resolve() for u in unique]:
