@@ -39,6 +39,7 @@ def test_shipped_profiles_validate_and_are_named_like_their_files():
     (lambda r: r["tensorrt"].update(workspace=512), "tensorrt.workspace", "workspace_mb"),
     (lambda r: r["calibration"].update(sampels=10), "calibration.sampels", "samples"),
     (lambda r: r.update(batch={"min": 1, "opt": 1, "maxx": 4}), "batch.maxx", "max"),
+    (lambda r: r.update(precison=r.pop("precision")), "precison", "precision"),  # a required key
 ])
 def test_misspelt_key_names_the_key_and_the_closest_valid_one(edit, key, suggestion):
     data = raw("jetson-orin-nano-int8")

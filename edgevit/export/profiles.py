@@ -149,8 +149,10 @@ def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
 
 def _explain(err: ValidationError, source: str) -> str:
     errors = err.errors()
+    # A misspelt key is reported as the typo (with the closest name), not as the field it left missing.
     # ``batch`` is ``int | BatchSpec``: a mapping fails both branches; the BatchSpec branch says why.
-    first = next((e for e in errors if "int" not in e["loc"]), errors[0])
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), None)
+    first = first or next((e for e in errors if "int" not in e["loc"]), errors[0])
     loc = tuple(p for p in first["loc"] if not (isinstance(p, str) and (p == "int" or "BatchSpec" in p)))
     where = ".".join(str(p) for p in loc) or "(top level)"
     if first["type"] == "extra_forbidden":
