@@ -664,3 +664,21 @@ def demo_cmd(out):
 
     report = run_demo(out)
     click.echo(f"report: {report / 'report.md'} and {report / 'pareto.png'}")
+
+
+# --- doctor --------------------------------------------------------------------------------------------------
+
+@main.command("doctor")
+@json_option
+def doctor_cmd(as_json):
+    """What this machine has (torch + CUDA, ONNX Runtime providers, TensorRT, ModelOpt, a Jetson?) and, for
+    every profile, whether it can export here and whether its engine can be built here (and why not).
+
+    \b
+    Example:
+      edgevit doctor --json
+    """
+    from edgevit.doctor import diagnose, format_report
+
+    report = diagnose()
+    _emit(report, as_json, format_report(report))
