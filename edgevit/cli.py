@@ -8,6 +8,7 @@ import logging
 import click
 
 from edgevit.errors import EdgeVitError
+from edgevit.methods.defaults import BATCH_SIZE, METHOD_TRAIN
 
 
 class Group(click.Group):
@@ -66,14 +67,15 @@ resume_option = click.option("--resume", is_flag=True, help="Continue a killed r
 seed_option = click.option("--seed", default=0, show_default=True, help="Seed for init, data order, augmentation.")
 
 
-def train_options(epochs: int, lr: float, batch_size: int = 64):
-    """Optimisation flags shared by the train commands, with per-method defaults."""
+def train_options(method: str):
+    """Optimisation flags shared by the train commands, defaulting to the library's for ``method``."""
+    defaults = METHOD_TRAIN[method]
 
     def decorate(fn):
         for option in reversed([
-            click.option("--epochs", default=epochs, show_default=True, type=int),
-            click.option("--lr", default=lr, show_default=True, type=float, help="Peak learning rate."),
-            click.option("--batch-size", default=batch_size, show_default=True, type=int),
+            click.option("--epochs", default=defaults["epochs"], show_default=True, type=int),
+            click.option("--lr", default=defaults["lr"], show_default=True, type=float, help="Peak learning rate."),
+            click.option("--batch-size", default=BATCH_SIZE, show_default=True, type=int),
             seed_option,
         ]):
             fn = option(fn)
@@ -82,11 +84,10 @@ def train_options(epochs: int, lr: float, batch_size: int = 64):
     return decorate
 
 
-def _train_config(epochs: int, lr: float, batch_size: int, seed: int, data: str, **overrides):
-    from edgevit.train import TrainConfig
+def _train_config(method: str, epochs: int, lr: float, batch_size: int, seed: int, data: str, **overrides):
+    from edgevit.train.run import method_train_config
 
-    augment = "shift" if data == "digits" else "shift-flip"
-    return TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, augment=augment, **overrides)
+    return method_train_config(method, data, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, **overrides)
 
 
 def _report_bundle(out: str, as_json: bool) -> None:
@@ -132,7 +133,7 @@ def train() -> None:
 @classes_option("Comma-separated subset of the data's classes (default: all).")
 @click.option("--init", type=click.Path(dir_okay=False),
               help="Local checkpoint to start from (.safetensors, or a torch state dict).")
-@train_options(epochs=40, lr=1e-3)
+@train_options("baseline")
 @resume_option
 @json_option
 def train_baseline(data, out, model_name, img_size, patch_size, embed_dim, depth, heads, classes, init,
@@ -147,7 +148,7 @@ def train_baseline(data, out, model_name, img_size, patch_size, embed_dim, depth
 
     run(data, out, model_name=model_name, img_size=img_size, arch=_arch(patch_size, embed_dim, depth, heads),
         classes=classes, init=init,
-        cfg=_train_config(epochs, lr, batch_size, seed, data), resume=resume)
+        cfg=_train_config("baseline", epochs, lr, batch_size, seed, data), resume=resume)
     _report_bundle(out, as_json)
 
 
@@ -176,7 +177,7 @@ def train_baseline(data, out, model_name, img_size, patch_size, embed_dim, depth
 @click.option("--data-fraction", default=1.0, show_default=True, type=float,
               help="Class-stratified fraction of the training split (low-data regimes).")
 @classes_option("Comma-separated subset of the data's classes for the student (default: all).")
-@train_options(epochs=40, lr=1e-3)
+@train_options("transfer")
 @resume_option
 @json_option
 def train_transfer(teacher_run, data, out, mode, model_name, img_size, patch_size, embed_dim, depth, heads, layers,
@@ -199,7 +200,7 @@ def train_transfer(teacher_run, data, out, mode, model_name, img_size, patch_siz
     cfg = TransferConfig(mode=mode, layers=layers, weight=weight, head_map=head_map, data_fraction=data_fraction)
     run(teacher_run, data, out, cfg, model_name=model_name, img_size=img_size,
         arch=_arch(patch_size, embed_dim, depth, heads), classes=classes,
-        train_cfg=_train_config(epochs, lr, batch_size, seed, data), resume=resume)
+        train_cfg=_train_config("transfer", epochs, lr, batch_size, seed, data), resume=resume)
     _report_bundle(out, as_json)
     if mode == "copy" and not as_json:
         click.echo("note: attention copy needs the teacher at inference; the bundle is marked not deployable")
@@ -229,10 +230,11 @@ def _ratio(value: str | None) -> float | None:
               help="cosine: least-change sub-layers on calibration images (mean over all tokens); cosine-pooled: "
                    "the same over the tokens the head pools (class token); last: deepest, final block kept; "
                    "random: seeded control. Default cosine-pooled; with --sweep, limits the sweep to one strategy.")
-@click.option("--heal-epochs", default=5, show_default=True, type=int,
+@click.option("--heal-epochs", default=METHOD_TRAIN["skip"]["epochs"], show_default=True, type=int,
               help="Healing fine-tune of the remaining weights (0: remove only).")
-@click.option("--lr", default=2e-4, show_default=True, type=float, help="Healing peak learning rate.")
-@click.option("--batch-size", default=64, show_default=True, type=int)
+@click.option("--lr", default=METHOD_TRAIN["skip"]["lr"], show_default=True, type=float,
+              help="Healing peak learning rate.")
+@click.option("--batch-size", default=BATCH_SIZE, show_default=True, type=int)
 @click.option("--calib", default=64, show_default=True, type=int,
               help="Class-balanced training images the cosine scores are measured on.")
 @click.option("--distill", default=0.5, show_default=True, type=float,
@@ -255,7 +257,8 @@ def train_skip_cmd(model_run, data, out, ratio, blocks, select, heal_epochs, lr,
     """
     from edgevit.methods import skip
 
-    train_cfg = _train_config(heal_epochs, lr, batch_size, seed, data, warmup_epochs=min(0.5, heal_epochs))
+    train_cfg = _train_config("skip", heal_epochs, lr, batch_size, seed, data,
+                             warmup_epochs=min(0.5, heal_epochs))
     if not sweep:
         cfg = skip.SkipConfig(select=select or "cosine-pooled", ratio=_ratio(ratio), blocks=_ints(blocks), calib=calib,
                               distill=distill)
@@ -297,7 +300,7 @@ def train_skip_cmd(model_run, data, out, ratio, blocks, select, heal_epochs, lr,
 @click.option("--gate-init", default=-1.0, show_default=True, type=float, help="Initial per-head gate logit.")
 @click.option("--data-fraction", default=1.0, show_default=True, type=float,
               help="Class-stratified fraction of the training split (low-data regimes).")
-@train_options(epochs=15, lr=5e-4)
+@train_options("memory")
 @resume_option
 @json_option
 def train_memory(model_dir, data, out, block, slots, topk, momentum, prototypes, summarize, summarize_epochs,
@@ -314,7 +317,7 @@ def train_memory(model_dir, data, out, block, slots, topk, momentum, prototypes,
     cfg = MemoryConfig(block=block, slots=slots, topk=topk or None, momentum=momentum, prototypes=prototypes,
                        summarize=summarize, summarize_epochs=summarize_epochs, gate_init=gate_init,
                        data_fraction=data_fraction)
-    run(model_dir, data, out, cfg, _train_config(epochs, lr, batch_size, seed, data, warmup_epochs=1.0),
+    run(model_dir, data, out, cfg, _train_config("memory", epochs, lr, batch_size, seed, data),
         resume=resume)
     _report_bundle(out, as_json)
 
@@ -340,7 +343,7 @@ def train_memory(model_dir, data, out, block, slots, topk, momentum, prototypes,
               help="Bundle written to OUT: merged (mean scales folded, the base graph) or exact (per-sample "
                    "scale branch); the other form goes to OUT/<form>/.")
 @classes_option("Task classes (default: DATA's classes the backbone was not trained on).")
-@train_options(epochs=10, lr=3e-3)
+@train_options("continual")
 @resume_option
 @json_option
 def train_continual_cmd(model_run, data, out, tasks, protocol, ranks, components, group_size, ortho_weight, form,
@@ -359,7 +362,7 @@ def train_continual_cmd(model_run, data, out, tasks, protocol, ranks, components
 
     cfg = ContinualConfig(protocol=protocol, tasks=tasks, ranks=tuple(_ints(ranks)), components=components,
                           group_size=group_size, ortho_weight=ortho_weight, form=form)
-    run(model_run, data, out, cfg, _train_config(epochs, lr, batch_size, seed, data, warmup_epochs=1.0),
+    run(model_run, data, out, cfg, _train_config("continual", epochs, lr, batch_size, seed, data),
         classes=classes, resume=resume)
     if not is_main_process():
         return
@@ -396,7 +399,7 @@ def train_continual_cmd(model_run, data, out, tasks, protocol, ranks, components
 @click.option("--covariance", type=click.Choice(["tokens", "mean"]), default="tokens", show_default=True,
               help="Whitening statistics over all tokens, or over the image-mean X_bar (the authors').")
 @click.option("--trainable-top", type=int, help="Deep: train B only in the top K blocks (default depth/3).")
-@train_options(epochs=20, lr=1e-2)
+@train_options("prompts")
 @resume_option
 @json_option
 def train_prompts(model_run, data, out, prompts, deep, rank, whiten, variant, classes, whiten_images, eps,
@@ -413,7 +416,7 @@ def train_prompts(model_run, data, out, prompts, deep, rank, whiten, variant, cl
 
     cfg = PromptConfig(prompts=prompts, deep=deep, rank=rank, variant=variant, whiten=whiten,
                        whiten_images=whiten_images, eps=eps, covariance=covariance, trainable_top=trainable_top)
-    run(model_run, data, out, cfg=cfg, train_cfg=_train_config(epochs, lr, batch_size, seed, data),
+    run(model_run, data, out, cfg=cfg, train_cfg=_train_config("prompts", epochs, lr, batch_size, seed, data),
         classes=classes, resume=resume)
     _report_bundle(out, as_json)
 

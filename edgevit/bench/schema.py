@@ -83,6 +83,7 @@ def _cpu_model() -> str:
 
 
 def append_rows(path: str | Path, rows: list[ResultRow]) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         for row in rows:
             f.write(row.model_dump_json(exclude_none=True) + "\n")

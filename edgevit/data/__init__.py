@@ -2,6 +2,7 @@
 
 from edgevit.data.datasets import (
     DIGITS,
+    classifier_classes,
     data_ref,
     default_input,
     load_ref,
@@ -15,6 +16,7 @@ __all__ = [
     "DIGITS",
     "balanced_indices",
     "calibration_batch",
+    "classifier_classes",
     "data_ref",
     "default_input",
     "default_preprocessing",

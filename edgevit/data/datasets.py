@@ -205,6 +205,15 @@ def source_classes(source: str) -> list[str]:
     return [str(c) for c in range(10)] if source == DIGITS else folder_classes(Path(source))
 
 
+def classifier_classes(source: str, classes: list[str] | None = None) -> list[str]:
+    """The classes a classifier is trained on: ``classes`` (each checked against ``source``) or all of the
+    source's; refused below two, where top-1 would be 100% by construction."""
+    chosen = _select_classes(source_classes(source), classes)
+    if len(chosen) < 2:
+        raise EdgeVitError(f"{source} gives {len(chosen)} class(es) {chosen}; a classifier needs at least two")
+    return chosen
+
+
 def default_input(source: str) -> Preprocessing:
     """A sensible input for a source: 32 px grayscale for digits, 224 px RGB for folders."""
     return default_preprocessing(32, 1) if source == DIGITS else default_preprocessing(224, 3)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
@@ -26,7 +27,7 @@ from edgevit.export import onnx as onnx_export
 from edgevit.export.profiles import Profile, load_profile
 from edgevit.export.tensorrt import FP16_ONNX, build_plan, sha256
 from edgevit.export.trtexec import SCRIPT, build_script
-from edgevit.vit.bundle import META, WEIGHTS, atomic_write_json, load_bundle, read_meta
+from edgevit.vit.bundle import META, WEIGHTS, atomic_write_json, load_bundle
 
 log = logging.getLogger("edgevit")
 
@@ -45,12 +46,38 @@ def _versions() -> dict[str, str | None]:
     return found
 
 
+OWNER = ".owner"  # in a temporary export directory: "<host> <pid>" of the export writing it
+
+
 def _prepare_out(out: Path) -> Path:
     """A fresh temporary directory next to ``out`` (which must not exist yet, or be empty)."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise EdgeVitError(f"{out} already exists; remove it or choose another -o")
     out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    _remove_stale_tmp(out.parent)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    (tmp / OWNER).write_text(f"{socket.gethostname()} {os.getpid()}")
+    return tmp
+
+
+def _remove_stale_tmp(parent: Path) -> None:
+    """Remove temporary export directories in ``parent`` left by killed exports: those whose writer ran on
+    this host and is no longer alive. Directories of live exports, of other hosts or not ours stay."""
+    for tmp in parent.glob(".*.tmp"):
+        owner = (tmp / OWNER).read_text().split() if (tmp / OWNER).is_file() else []
+        if len(owner) == 2 and owner[0] == socket.gethostname() and owner[1].isdigit() and not _alive(int(owner[1])):
+            log.info("removing %s, left by a killed export (pid %s)", tmp, owner[1])
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def export_bundle(run: str | Path, profile: str | Profile, out: str | Path) -> dict[str, Any]:
@@ -63,7 +90,7 @@ def export_bundle(run: str | Path, profile: str | Profile, out: str | Path) -> d
     """
     profile = profile if isinstance(profile, Profile) else load_profile(str(profile))
     run, out = Path(run), Path(out)
-    meta = read_meta(run)  # fails early and clearly on a non-bundle
+    model, meta = load_bundle(run)  # fails early, naming the user's path, before anything is written
     if meta.provenance.get("deployable") is False:
         reason = meta.provenance.get("not_deployable_reason", "its method marked it not deployable")
         raise EdgeVitError(f"{run} cannot be exported: {reason}")
@@ -72,7 +99,7 @@ def export_bundle(run: str | Path, profile: str | Profile, out: str | Path) -> d
         cal_images, cal_info = quantize.calibration_images(profile.calibration, meta)
     tmp = _prepare_out(out)
     try:
-        export = _export_into(tmp, run, meta, profile, cal_images, cal_info)
+        export = _export_into(tmp, run, model, meta, profile, cal_images, cal_info)
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
@@ -82,12 +109,11 @@ def export_bundle(run: str | Path, profile: str | Profile, out: str | Path) -> d
     return export
 
 
-def _export_into(tmp: Path, run: Path, meta, profile: Profile, cal_images: np.ndarray | None,
+def _export_into(tmp: Path, run: Path, model, meta, profile: Profile, cal_images: np.ndarray | None,
                  cal_info: dict[str, Any] | None) -> dict[str, Any]:
     (tmp / "bundle").mkdir()
     for name in (WEIGHTS, META):
         shutil.copy2(run / name, tmp / "bundle" / name)
-    model, meta = load_bundle(tmp / "bundle")
     batch = profile.batch_spec
     tol = profile.parity
     images, _ = quantize.split_arrays(meta, tol.split, limit=tol.images)
@@ -148,6 +174,7 @@ def _export_into(tmp: Path, run: Path, meta, profile: Profile, cal_images: np.nd
     }
     if int8_info is not None:
         export["int8"] = int8_info
+    (tmp / OWNER).unlink()  # finished: only the export's own files are hashed and renamed into place
     export["hashes"] = {str(p.relative_to(tmp)): sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
     atomic_write_json(tmp / EXPORT_JSON, export)
     return export

@@ -9,11 +9,11 @@ from typing import Any
 import torch
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
-from edgevit.data import DIGITS, data_ref, default_input, load_split, source_classes
+from edgevit.data import DIGITS, classifier_classes, data_ref, default_input, load_split
 from edgevit.data.transforms import default_preprocessing
 from edgevit.errors import EdgeVitError
 from edgevit.train import TrainConfig, fit, is_main_process
-from edgevit.train.run import prepare_run_dir, provenance, split_metrics
+from edgevit.train.run import check_run_dir, method_train_config, provenance, split_metrics
 from edgevit.vit import BundleMeta, create_vit, save_bundle
 from edgevit.vit.bundle import BaseArch, read_weights
 
@@ -74,11 +74,11 @@ def train_baseline(
         cfg: optimisation settings.
         resume: continue a killed run in ``out``.
     """
-    cfg = cfg or TrainConfig(augment="shift" if data == DIGITS else "shift-flip")
-    out = prepare_run_dir(out, resume)
+    cfg = cfg or method_train_config("baseline", data)
+    out = check_run_dir(out, resume)
     default = default_input(data)
     pre = default_preprocessing(img_size or default.size, default.channels)
-    classes = classes or source_classes(data)
+    classes = classifier_classes(data, classes)
     arch = dict(DIGITS_ARCH if data == DIGITS and arch is None else arch or {})
     kwargs = {"img_size": pre.size, "in_chans": pre.channels, "num_classes": len(classes), **arch}
     torch.manual_seed(cfg.seed)

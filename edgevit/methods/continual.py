@@ -79,7 +79,7 @@ from edgevit.data import calibration_batch, data_ref, load_split
 from edgevit.errors import EdgeVitError
 from edgevit.train import TrainConfig, evaluate, fit, is_main_process
 from edgevit.train.loop import CHECKPOINT
-from edgevit.train.run import provenance, split_metrics, unseen_classes
+from edgevit.train.run import check_run_dir, method_train_config, provenance, split_metrics, unseen_classes
 from edgevit.vit import BundleMeta, apply_surgery, create_vit, load_bundle, save_bundle
 from edgevit.vit.adapters import (
     ROUTERS,
@@ -92,7 +92,7 @@ from edgevit.vit.adapters import (
     mean_scales,
     routers_of,
 )
-from edgevit.vit.bundle import META, BaseArch, Preprocessing
+from edgevit.vit.bundle import BaseArch, Preprocessing
 
 log = logging.getLogger("edgevit")
 
@@ -506,19 +506,6 @@ def check_backbone(vit: VisionTransformer, meta: BundleMeta) -> None:
         raise EdgeVitError("the backbone already carries adapters; start from a plain bundle")
 
 
-def prepare_continual_dir(out: str | Path, resume: bool) -> Path:
-    """Like :func:`edgevit.train.run.prepare_run_dir`, with the checkpoints under ``out/task<i>/``."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise EdgeVitError(f"{out} exists and is not a directory")
-    if resume and not (out / "task0" / CHECKPOINT).exists() and not (out / META).exists():
-        raise EdgeVitError(f"nothing to resume in {out} (no task0/{CHECKPOINT})")
-    if not resume and out.exists() and any(out.iterdir()):
-        raise EdgeVitError(f"{out} is not empty; pass --resume to continue it or choose another -o")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
 def train_continual(
         model_run: str | Path,
         data: str,
@@ -543,8 +530,8 @@ def train_continual(
     cfg = cfg or ContinualConfig()
     if cfg.learner != "data":
         raise EdgeVitError("train_continual writes DATA bundles; baselines run in benchmarks/study_continual.py")
-    train_cfg = train_cfg or TrainConfig(augment="shift" if data == "digits" else "shift-flip")
-    out = prepare_continual_dir(out, resume)
+    train_cfg = train_cfg or method_train_config("continual", data)
+    out = check_run_dir(out, resume, checkpoint=f"task0/{CHECKPOINT}")
     vit, meta = load_bundle(model_run)
     check_backbone(vit, meta)
     classes = task_classes(meta, data, classes)

@@ -49,7 +49,7 @@ from edgevit.data import data_ref, fraction_subset, load_split, source_classes
 from edgevit.errors import EdgeVitError
 from edgevit.train import TrainConfig, fit, is_main_process
 from edgevit.train.loop import CHECKPOINT, load_checkpoint
-from edgevit.train.run import prepare_run_dir, provenance, split_metrics
+from edgevit.train.run import check_run_dir, method_train_config, provenance, split_metrics
 from edgevit.vit import BundleMeta, apply_surgery, attention, load_bundle, read_meta, save_bundle
 from edgevit.vit.bundle import build_model
 from edgevit.vit.memory import MemoryTable, memory_of
@@ -423,8 +423,8 @@ def train_memory(
     """
     cfg = cfg or MemoryConfig()
     cfg.check()
-    train_cfg = train_cfg or TrainConfig(epochs=15, lr=5e-4, warmup_epochs=1.0)
-    out = prepare_run_dir(out, resume)
+    train_cfg = train_cfg or method_train_config("memory", data)
+    out = check_run_dir(out, resume)
     task = prepare_task(model_dir, data, cfg.data_fraction, train_cfg.seed)
     block = resolve_block(task.model, cfg.block)
     trainer = train_full_memory(task, cfg, train_cfg, out, resume)

@@ -54,7 +54,7 @@ from torch.utils.data import Dataset
 from edgevit.data import calibration_batch, data_ref, load_split
 from edgevit.errors import EdgeVitError
 from edgevit.train import TrainConfig, fit, is_main_process
-from edgevit.train.run import prepare_run_dir, provenance, split_metrics, unseen_classes
+from edgevit.train.run import check_run_dir, method_train_config, provenance, split_metrics, unseen_classes
 from edgevit.vit import BundleMeta, EdgeAttention, apply_surgery, load_bundle, save_bundle
 from edgevit.vit.bundle import BaseArch
 
@@ -450,12 +450,12 @@ def train_prompts(
         resume: continue a killed run in ``out``.
     """
     cfg = cfg or PromptConfig()
-    train_cfg = train_cfg or TrainConfig(augment="shift" if data == "digits" else "shift-flip")
+    train_cfg = train_cfg or method_train_config("prompts", data)
     vit, meta = load_bundle(model_run)
     check_backbone(vit, meta)
     classes = downstream_classes(meta, data, classes)
     cfg = cfg.resolved(vit.embed_dim, len(attention_blocks(vit)) if cfg.deep else 1)
-    out = prepare_run_dir(out, resume)  # after the checks: a refused run leaves nothing behind
+    out = check_run_dir(out, resume)
     pre = meta.preprocessing
     train_set = load_split(data, "train", pre, classes)
     val_set = load_split(data, "val", pre, classes)

@@ -51,7 +51,7 @@ from edgevit.data import calibration_batch, data_ref, load_split
 from edgevit.errors import EdgeVitError
 from edgevit.train import TrainConfig, fit, is_main_process
 from edgevit.train.loop import LossFn
-from edgevit.train.run import prepare_run_dir, provenance, split_metrics
+from edgevit.train.run import check_run_dir, method_train_config, provenance, split_metrics
 from edgevit.vit import BundleMeta, apply_surgery, load_bundle, save_bundle
 from edgevit.vit.bundle import atomic_write_json
 from edgevit.vit.surgery import MlpOnlyBlock
@@ -320,10 +320,10 @@ def train_skip(
     """
     cfg = cfg or SkipConfig()
     cfg.check()
-    train_cfg = train_cfg or TrainConfig(epochs=5, lr=2e-4, warmup_epochs=0.5)
+    train_cfg = train_cfg or method_train_config("skip", data)
     # A run killed during its first healing epoch has a selection but no checkpoint yet: still resumable.
     selected = resume and (Path(out) / SELECTION_FILE).exists()
-    out = Path(out) if selected else prepare_run_dir(out, resume)
+    out = Path(out) if selected else check_run_dir(out, resume)
     model, meta = prepare_skip(model_dir, data)
     base_test = meta.metrics.get("test_top1")
     train_set = load_split(data, "train", meta.preprocessing, meta.classes)
@@ -441,7 +441,7 @@ def sweep_skip(
     for select in selects:
         SkipConfig(select=select).check()
     started = resume and (Path(out) / SWEEP_FILE).exists()
-    out = Path(out) if started else prepare_run_dir(out, resume)
+    out = Path(out) if started else check_run_dir(out, resume)
     results = out / SWEEP_FILE
     done = {r.label for r in read_rows(results)} if started else set()
     model, meta = prepare_skip(model_dir, data)

@@ -54,12 +54,12 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from edgevit.data import data_ref, fraction_subset, load_ref, load_split, source_classes
+from edgevit.data import classifier_classes, data_ref, fraction_subset, load_ref, load_split
 from edgevit.data.transforms import default_preprocessing
 from edgevit.errors import EdgeVitError
 from edgevit.train import TrainConfig, evaluate, fit, is_main_process
 from edgevit.train.loop import CHECKPOINT, load_checkpoint
-from edgevit.train.run import prepare_run_dir, provenance, split_metrics
+from edgevit.train.run import check_run_dir, method_train_config, provenance, split_metrics
 from edgevit.vit import BundleMeta, attention, capture_attention_logits, create_vit, load_bundle, read_meta, save_bundle
 from edgevit.vit.bundle import BaseArch
 
@@ -313,9 +313,9 @@ def train_transfer(
     """
     cfg = cfg or TransferConfig()
     cfg.check()
-    train_cfg = train_cfg or TrainConfig()
+    train_cfg = train_cfg or method_train_config("transfer", data)
     teacher, teacher_meta = load_bundle(teacher_dir)
-    classes = classes or source_classes(data)
+    classes = classifier_classes(data, classes)
     name, kwargs = student_arch(teacher_meta, model_name, img_size, arch, len(classes))
     pre = default_preprocessing(kwargs["img_size"], teacher_meta.preprocessing.channels)
     if (pre.mean, pre.std) != (teacher_meta.preprocessing.mean, teacher_meta.preprocessing.std):
@@ -331,7 +331,7 @@ def train_transfer(
     val_set = load_split(data, "val", pre, classes)
     with torch.no_grad():  # fail early, with a clear line, on maps that do not fit
         model(train_set[0][0][None], attention_loss=True)
-    out = prepare_run_dir(out, resume)
+    out = check_run_dir(out, resume)
     loss_fn = transfer_loss(cfg.weight, train_cfg.label_smoothing)
     result = fit(model, train_set, train_cfg, out, loss_fn=loss_fn, val_set=val_set, resume=resume,
                  description=f"transfer-{cfg.mode}")

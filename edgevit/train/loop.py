@@ -147,6 +147,7 @@ def _batches(n: int, batch: int, rank: int, world: int, seed: int, epoch: int) -
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)

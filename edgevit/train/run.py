@@ -13,24 +13,32 @@ from torch import nn
 from edgevit import __version__
 from edgevit.data import data_ref, load_ref, source_classes
 from edgevit.errors import EdgeVitError
-from edgevit.train.loop import CHECKPOINT, evaluate, is_main_process
+from edgevit.methods.defaults import METHOD_TRAIN, augment_for
+from edgevit.train.loop import CHECKPOINT, TrainConfig, evaluate, is_main_process
 from edgevit.vit.bundle import META, BundleMeta
 
 
-def prepare_run_dir(out: str | Path, resume: bool) -> Path:
-    """Create ``out`` for a new run, or check it can be resumed. Never overwrites a finished run."""
+def check_run_dir(out: str | Path, resume: bool, checkpoint: str = CHECKPOINT) -> Path:
+    """Check ``out`` can take a new run (absent or empty) or be resumed (holds ``checkpoint`` or a finished
+    bundle). Creates nothing: writers create the directory with their first file, so a run refused by any
+    later check leaves nothing behind, and a finished run is never overwritten."""
     out = Path(out)
-    if not is_main_process():  # rank 0 checks and creates; the others only read its checkpoint
+    if not is_main_process():  # rank 0 checks; the others only read its checkpoint
         return out
     if out.exists() and not out.is_dir():
         raise EdgeVitError(f"{out} exists and is not a directory")
     if resume:
-        if not (out / CHECKPOINT).exists() and not (out / META).exists():
-            raise EdgeVitError(f"nothing to resume in {out} (no {CHECKPOINT})")
+        if not (out / checkpoint).exists() and not (out / META).exists():
+            raise EdgeVitError(f"nothing to resume in {out} (no {checkpoint})")
     elif out.exists() and any(out.iterdir()):
         raise EdgeVitError(f"{out} is not empty; pass --resume to continue it or choose another -o")
-    out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def method_train_config(method: str, data: str, **changes) -> TrainConfig:
+    """``method``'s optimisation defaults (:data:`~edgevit.methods.defaults.METHOD_TRAIN`) for ``data``, with
+    ``changes`` applied: what ``train_<method>()`` uses when given no ``train_cfg``, and what the CLI builds."""
+    return TrainConfig(**{"augment": augment_for(data), **METHOD_TRAIN[method], **changes})
 
 
 def split_metrics(model: nn.Module, meta: BundleMeta, splits: tuple[str, ...] = ("val", "test")) -> dict:

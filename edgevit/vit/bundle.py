@@ -140,8 +140,19 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
 def load_bundle(directory: str | Path) -> tuple[VisionTransformer, BundleMeta]:
     """Load a bundle: build, apply surgery, strict-load weights. Returns the model in eval mode."""
     meta = read_meta(directory)
-    model = build_model(meta)
+    try:
+        model = build_model(meta)
+    except (AssertionError, TypeError, ValueError, RuntimeError, KeyError) as err:
+        raise EdgeVitError(f"{Path(directory) / META}: the recorded graph ({meta.base.name} with "
+                           f"{meta.base.kwargs}) cannot be built: {str(err) or type(err).__name__}") from None
     state = read_weights(Path(directory) / WEIGHTS)
+    own = model.state_dict()
+    misfit = [k for k, v in own.items() if k in state and state[k].shape != v.shape]
+    if misfit:
+        k = misfit[0]
+        raise EdgeVitError(f"{directory}: {WEIGHTS} does not fit the recorded graph: {k} is "
+                           f"{tuple(state[k].shape)} there but {tuple(own[k].shape)} in the graph "
+                           f"({len(misfit)} tensor(s) of another shape)")
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise EdgeVitError(

@@ -1,0 +1,22 @@
+"""Each method's optimisation defaults: the one source for the Python API and the CLI.
+
+Plain values (no torch import), so ``edgevit --help`` stays instant while the CLI shows exactly the defaults
+``train_<method>()`` uses when it is given no ``train_cfg``.
+"""
+
+from __future__ import annotations
+
+METHOD_TRAIN: dict[str, dict[str, int | float]] = {
+    "baseline": {"epochs": 40, "lr": 1e-3},
+    "transfer": {"epochs": 40, "lr": 1e-3},
+    "skip": {"epochs": 5, "lr": 2e-4, "warmup_epochs": 0.5},  # healing
+    "memory": {"epochs": 15, "lr": 5e-4, "warmup_epochs": 1.0},
+    "continual": {"epochs": 10, "lr": 3e-3, "warmup_epochs": 1.0},  # per task
+    "prompts": {"epochs": 20, "lr": 1e-2},
+}
+BATCH_SIZE = 64
+
+
+def augment_for(data: str) -> str:
+    """Digits are orientation-sensitive (no flips); image folders get horizontal flips too."""
+    return "shift" if data == "digits" else "shift-flip"
