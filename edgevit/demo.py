@@ -13,6 +13,7 @@ on that 5-class task, not on the 10-class task of the other rows.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -55,7 +56,7 @@ class Step:
     reads: list[Path] = field(default_factory=list)
 
     def inputs_hash(self) -> str:
-        h = hashlib.sha256(json.dumps([self.name, self.settings], sort_keys=True, default=str).encode())
+        h = hashlib.sha256(json.dumps([self.name, self.settings], sort_keys=True, default=_jsonable).encode())
         for path in self.reads:
             h.update(_content_hash(path).encode())
         return h.hexdigest()[:16]
@@ -94,6 +95,19 @@ def run_steps(steps: list[Step], state_path: Path) -> dict[str, dict]:
     return state
 
 
+def call_step(name: str, output: Path, fn: Callable, kwargs: dict, reads: list[Path] | None = None) -> Step:
+    """A step that calls ``fn(**kwargs, resume=...)``; its settings are ``kwargs`` themselves (configs included),
+    so changing any argument, e.g. the skip step's learning rate, re-runs the step."""
+    settings = {"fn": f"{fn.__module__}.{fn.__qualname__}",  # paths are hashed by content, through ``reads``
+                **{k: v for k, v in kwargs.items() if not isinstance(v, Path)}}
+    return Step(name, output, lambda resume: fn(**kwargs, resume=resume), settings, list(reads or []))
+
+
+def _jsonable(value):
+    """What a setting hashes as: a config dataclass as its fields, anything else as its text."""
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else str(value)
+
+
 def _train_cfg(epochs: int, lr: float = 1e-3, **overrides):
     from edgevit.train import TrainConfig
 
@@ -112,28 +126,27 @@ def plan(root: Path) -> tuple[list[Step], dict[str, Path]]:
     runs = root / "runs"
     base, upstream = runs / "baseline", runs / "upstream-0-4"
     student = {"embed_dim": 64, "depth": 4, "num_heads": 2}
-    training = [
-        ("baseline", base, [], {"epochs": 40},
-         lambda r: train_baseline("digits", base, cfg=_train_cfg(40), resume=r)),
-        ("upstream backbone (digits 0-4)", upstream, [], {"epochs": 30},
-         lambda r: train_baseline("digits", upstream, classes=UPSTREAM_CLASSES, cfg=_train_cfg(30), resume=r)),
-        ("transfer: attention-distilled student", runs / "transfer", [base], {"epochs": 40, "lr": 2e-3, **student},
-         lambda r: train_transfer(base, "digits", runs / "transfer", TransferConfig(mode="distill"), arch=student,
-                                  train_cfg=_train_cfg(40, lr=2e-3), resume=r)),
-        ("skip: a third of attention removed (cosine-pooled)", runs / "skip", [base], {"ratio": 1 / 3, "heal": 5},
-         lambda r: train_skip(base, "digits", runs / "skip", SkipConfig(select="cosine-pooled", ratio=1 / 3),
-                              train_cfg=_train_cfg(5, lr=3e-4), resume=r)),
-        ("continual: DATA on digits 5-9", runs / "continual", [upstream], {"tasks": 2, "epochs": 8},
-         lambda r: train_continual(upstream, "digits", runs / "continual", ContinualConfig(tasks=2),
-                                   train_cfg=_train_cfg(8, lr=3e-3), classes=DOWNSTREAM_CLASSES, resume=r)),
-        ("memory: MoViT table", runs / "memory", [base], {"prototypes": 64, "dense": True, "epochs": 5},
-         lambda r: train_memory(base, "digits", runs / "memory", MemoryConfig(prototypes=64, topk=None),
-                                train_cfg=_train_cfg(5, lr=5e-4), resume=r)),
-        ("prompts: BPT deep, merged", runs / "prompts", [upstream], {"epochs": 10},
-         lambda r: train_prompts(upstream, "digits", runs / "prompts", PromptConfig(deep=True),
-                                 train_cfg=_train_cfg(10, lr=1e-2), classes=DOWNSTREAM_CLASSES, resume=r)),
+    training = [  # (name, output, bundles it reads, function, its arguments); every argument is hashed
+        ("baseline", base, [], train_baseline, dict(data="digits", out=base, cfg=_train_cfg(40))),
+        ("upstream backbone (digits 0-4)", upstream, [], train_baseline,
+         dict(data="digits", out=upstream, classes=UPSTREAM_CLASSES, cfg=_train_cfg(30))),
+        ("transfer: attention-distilled student", runs / "transfer", [base], train_transfer,
+         dict(teacher_dir=base, data="digits", out=runs / "transfer", cfg=TransferConfig(mode="distill"),
+              arch=student, train_cfg=_train_cfg(40, lr=2e-3))),
+        ("skip: a third of attention removed (cosine-pooled)", runs / "skip", [base], train_skip,
+         dict(model_dir=base, data="digits", out=runs / "skip", cfg=SkipConfig(select="cosine-pooled", ratio=1 / 3),
+              train_cfg=_train_cfg(5, lr=3e-4))),
+        ("continual: DATA on digits 5-9", runs / "continual", [upstream], train_continual,
+         dict(model_run=upstream, data="digits", out=runs / "continual", cfg=ContinualConfig(tasks=2),
+              train_cfg=_train_cfg(8, lr=3e-3), classes=DOWNSTREAM_CLASSES)),
+        ("memory: MoViT table", runs / "memory", [base], train_memory,
+         dict(model_dir=base, data="digits", out=runs / "memory", cfg=MemoryConfig(prototypes=64, topk=None),
+              train_cfg=_train_cfg(5, lr=5e-4))),
+        ("prompts: BPT deep, merged", runs / "prompts", [upstream], train_prompts,
+         dict(model_run=upstream, data="digits", out=runs / "prompts", cfg=PromptConfig(deep=True),
+              train_cfg=_train_cfg(10, lr=1e-2), classes=DOWNSTREAM_CLASSES)),
     ]
-    steps = [Step(name, out, fn, settings, reads) for name, out, reads, settings, fn in training]
+    steps = [call_step(name, out, fn, kwargs, reads) for name, out, reads, fn, kwargs in training]
     bundles = {
         "baseline": base,
         "transfer student": runs / "transfer",

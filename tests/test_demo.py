@@ -7,7 +7,9 @@ import shutil
 from click.testing import CliRunner
 
 from edgevit.cli import main
-from edgevit.demo import Step, run_steps
+from edgevit.demo import Step, call_step, run_steps
+from edgevit.methods.skip import SkipConfig, train_skip
+from edgevit.train import TrainConfig
 
 
 def _steps(tmp_path, calls, epochs=1):
@@ -56,3 +58,13 @@ def test_export_refuses_a_bundle_marked_not_deployable(tmp_path, digits_bundle):
     result = CliRunner().invoke(main, ["export", str(run), "--profile", "cpu-ort-fp32", "-o", str(tmp_path / "x")])
     assert result.exit_code == 2 and "attention copy needs its teacher" in result.output
     assert not (tmp_path / "x").exists()
+
+
+def test_a_step_hashes_the_configs_it_calls_with(tmp_path):
+    def skip_step(lr, ratio=1 / 3, root=tmp_path):
+        return call_step("skip", root / "skip", train_skip, dict(model_dir=root / "base", data="digits",
+                         out=root / "skip", cfg=SkipConfig(ratio=ratio), train_cfg=TrainConfig(epochs=5, lr=lr)))
+
+    assert skip_step(3e-4).inputs_hash() == skip_step(3e-4, root=tmp_path / "elsewhere").inputs_hash()
+    assert skip_step(3e-4).inputs_hash() != skip_step(1e-4).inputs_hash()
+    assert skip_step(3e-4).inputs_hash() != skip_step(3e-4, ratio=0.5).inputs_hash()
