@@ -4,7 +4,7 @@ import pytest
 import timm
 import torch
 
-from edgevit.vit import attention, capture_attention_logits, create_vit
+from edgevit.vit import attention, capture_attention_logits, create_vit, split_qkv
 
 
 @pytest.fixture(scope="module")
@@ -77,3 +77,14 @@ def test_unknown_model_is_a_user_error():
 
     with pytest.raises(EdgeVitError, match="unknown timm model"):
         create_vit("vit_does_not_exist")
+
+
+def test_split_qkv_matches_the_per_projection_weights():
+    model = create_vit("vit_tiny_patch16_224", img_size=16, patch_size=4, embed_dim=48, depth=1, num_heads=3)
+    attn = attention(model, 0)
+    x = torch.randn(2, 5, 48)
+    q, k, v = split_qkv(attn, attn.qkv(x))
+    w, b = attn.qkv.weight, attn.qkv.bias
+    for i, got in enumerate((q, k, v)):
+        want = (x @ w[48 * i:48 * (i + 1)].T + b[48 * i:48 * (i + 1)]).reshape(2, 5, 3, 16).transpose(1, 2)
+        torch.testing.assert_close(got, want)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +12,8 @@ from edgevit.data import DIGITS, classifier_classes, data_ref, default_input, lo
 from edgevit.data.transforms import default_preprocessing
 from edgevit.errors import EdgeVitError
 from edgevit.train import TrainConfig, fit, is_main_process
-from edgevit.train.run import check_run_dir, method_train_config, provenance, split_metrics
-from edgevit.vit import BundleMeta, create_vit, save_bundle
+from edgevit.train.run import check_run_dir, finish_run, method_train_config
+from edgevit.vit import BundleMeta, create_vit
 from edgevit.vit.bundle import BaseArch, read_weights
 
 # A ViT small enough to train on 2 CPU cores in minutes, sized for 32 px digits.
@@ -93,8 +92,5 @@ def train_baseline(
     val_set = load_split(data, "val", pre, ref.classes)
     result = fit(model, train_set, cfg, out, val_set=val_set, resume=resume, description="baseline")
     if is_main_process():
-        meta.metrics = {**split_metrics(model, meta), "epochs": result.epochs, "steps": result.steps,
-                        "train_seconds": round(result.seconds, 1)}
-        meta.provenance = provenance("baseline", asdict(cfg), cfg.seed, init=str(init) if init else None)
-        save_bundle(out, model, meta)
+        finish_run(out, model, meta, "baseline", None, cfg, result, init=str(init) if init else None)
     return out

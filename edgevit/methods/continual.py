@@ -65,7 +65,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -79,8 +79,8 @@ from edgevit.data import calibration_batch, data_ref, load_split
 from edgevit.errors import EdgeVitError
 from edgevit.train import TrainConfig, evaluate, fit, is_main_process
 from edgevit.train.loop import CHECKPOINT
-from edgevit.train.run import check_run_dir, method_train_config, provenance, split_metrics, unseen_classes
-from edgevit.vit import BundleMeta, apply_surgery, create_vit, load_bundle, save_bundle
+from edgevit.train.run import check_run_dir, finish_run, method_train_config, unseen_classes
+from edgevit.vit import BundleMeta, apply_surgery, create_vit, load_bundle
 from edgevit.vit.adapters import (
     ROUTERS,
     Router,
@@ -559,18 +559,16 @@ def train_continual(
         meta_out = BundleMeta(base=BaseArch(name=meta.base.name, kwargs={**meta.base.kwargs,
                                                                           "num_classes": model.num_classes}),
                               surgery=surgery, preprocessing=pre, classes=classes, data=ref)
-        meta_out.metrics = {
-            **split_metrics(model, meta_out), "form": name,
+        metrics = {
+            "form": name,
             "continual": {"protocol": cfg.protocol, "tasks": [t.name for t in tasks],
                           "how": "test top-1 per task after each task, no task id (argmax over all seen classes)",
                           "accuracy": measured["accuracy"],
                           "final_average_accuracy": measured["final_average_accuracy"],
                           "average_forgetting": measured["average_forgetting"], "forms": summary},
             "exact_max_abs_diff": exact_error, "history": measured["history"]}
-        meta_out.provenance = provenance(
-            "continual", {**asdict(cfg), "train": asdict(train_cfg)}, train_cfg.seed, backbone=str(model_run),
-            backbone_classes=meta.data.classes or meta.classes, adapter_params=trainable,
-            calibration_images=len(calibration))
-        save_bundle(out if name == cfg.form else out / name, model, meta_out)
+        finish_run(out if name == cfg.form else out / name, model, meta_out, "continual", cfg, train_cfg,
+                   metrics=metrics, backbone=str(model_run), backbone_classes=meta.data.classes or meta.classes,
+                   adapter_params=trainable, calibration_images=len(calibration))
     return out
 

@@ -49,8 +49,8 @@ from edgevit.data import data_ref, fraction_subset, load_split, source_classes
 from edgevit.errors import EdgeVitError
 from edgevit.train import TrainConfig, fit, is_main_process
 from edgevit.train.loop import CHECKPOINT, load_checkpoint
-from edgevit.train.run import check_run_dir, method_train_config, provenance, split_metrics
-from edgevit.vit import BundleMeta, apply_surgery, attention, load_bundle, read_meta, save_bundle
+from edgevit.train.run import check_run_dir, finish_run, method_train_config, split_metrics
+from edgevit.vit import BundleMeta, apply_surgery, attention, load_bundle, read_meta, split_qkv
 from edgevit.vit.bundle import build_model
 from edgevit.vit.memory import MemoryTable, memory_of
 
@@ -160,9 +160,8 @@ def capture_sample_kv(model: VisionTransformer, block: int) -> Iterator[dict[str
     use_cls = model.global_pool == "token" and model.cls_token is not None
 
     def hook(module, args, output):
-        B, N, _ = output.shape
-        qkv = output.detach().reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-        k, v = attn.k_norm(qkv[1]), qkv[2]
+        _, k, v = split_qkv(attn, output.detach())
+        k = attn.k_norm(k)
         captured["keys"] = k[:, :, 0] if use_cls else k[:, :, first:].mean(2)
         captured["values"] = v[:, :, 0] if use_cls else v[:, :, first:].mean(2)
 
@@ -446,8 +445,7 @@ def train_memory(
     meta.surgery = [*meta.surgery, {"op": "memory_table", "block": block, "slots": table.slots,
                                     "topk": table.topk}]
     full_metrics = split_metrics(full_model, meta)
-    meta.metrics = {
-        **split_metrics(deployed, meta),
+    metrics = {
         "train_images": len(task.train_set),
         FULL_MEMORY_SLOTS: full.slots,
         "full_memory_val_top1": full_metrics["val_top1"],
@@ -456,10 +454,7 @@ def train_memory(
         "full_memory_bytes": full.table_bytes(),
         "gate": [round(g, 4) for g in table.gate().flatten().tolist()],
     }
-    meta.provenance = provenance("memory", {**asdict(cfg), "train": asdict(train_cfg)}, train_cfg.seed,
-                                 base=str(model_dir))
-    save_bundle(out, deployed, meta)
-    return out
+    return finish_run(out, deployed, meta, "memory", cfg, train_cfg, metrics=metrics, base=str(model_dir))
 
 
 def full_memory_model(run_dir: str | Path) -> VisionTransformer:

@@ -42,7 +42,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +54,17 @@ from torch.utils.data import Dataset
 from edgevit.data import calibration_batch, data_ref, load_split
 from edgevit.errors import EdgeVitError
 from edgevit.train import TrainConfig, fit, is_main_process
-from edgevit.train.run import check_run_dir, method_train_config, provenance, split_metrics, unseen_classes
-from edgevit.vit import BundleMeta, EdgeAttention, apply_surgery, load_bundle, save_bundle
+from edgevit.train.run import check_run_dir, finish_run, method_train_config, unseen_classes
+from edgevit.vit import (
+    BundleMeta,
+    EdgeAttention,
+    apply_surgery,
+    attention_blocks,
+    block_inputs,
+    embed_tokens,
+    load_bundle,
+    split_qkv,
+)
 from edgevit.vit.bundle import BaseArch
 
 VARIANTS = ("vpt", "fwhiten", "twhiten", "bilinear")
@@ -127,30 +136,11 @@ class PromptConfig:
 # --------------------------------------------------------------------------------------------- burstiness
 
 
-def attention_blocks(model: VisionTransformer) -> list[int]:
-    """Indices of the blocks that still have an attention sub-layer (skip-pruned ones have none)."""
-    return [i for i, b in enumerate(model.blocks) if isinstance(getattr(b, "attn", None), EdgeAttention)]
-
-
 def bilinear_form(attn: EdgeAttention) -> torch.Tensor:
     """``W_q W_k^T`` (d x d) with right-multiplied projections, so the logits are ``X (W_q W_k^T) X^T``."""
     d = attn.qkv.in_features
     weight = attn.qkv.weight.detach().float()
     return weight[:d].T @ weight[d:2 * d]
-
-
-@torch.no_grad()
-def block_inputs(model: VisionTransformer, images: torch.Tensor, blocks: Sequence[int]) -> dict[int, torch.Tensor]:
-    """The inputs (``n x N x d``) of ``blocks`` when ``model`` reads ``images``."""
-    captured: dict[int, torch.Tensor] = {}
-    handles = [model.blocks[b].register_forward_pre_hook(
-        lambda module, args, b=b: captured.__setitem__(b, args[0].detach().float())) for b in blocks]
-    try:
-        model.eval().forward_features(images)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return captured
 
 
 def zca(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, dict[str, float]]:
@@ -319,7 +309,7 @@ class PromptedViT(nn.Module):
         vit = self.vit
         prompts = self.factors().to(images.dtype)
         n, m, batch = vit.num_prefix_tokens, prompts.shape[1], images.shape[0]
-        x = vit.patch_drop(vit._pos_embed(vit.patch_embed(images)))
+        x = embed_tokens(vit, images)
         if not self.deep:
             x = torch.cat([x[:, :n], prompts[0].expand(batch, -1, -1), x[:, n:]], dim=1)
         x = vit.norm_pre(x)
@@ -339,9 +329,8 @@ def prefix_keys_values(block: nn.Module, prompts: torch.Tensor) -> tuple[torch.T
     """Constant keys/values (``H x m x d_h`` each) that ``prompts`` (``m x d``) contribute to ``block``:
     ``k_norm(LN1(P) W_k + b_k)`` and ``LN1(P) W_v + b_v``, exactly what the block computes for them."""
     attn = block.attn
-    m = prompts.shape[0]
-    qkv = attn.qkv(block.norm1(prompts[None])).reshape(1, m, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    return attn.k_norm(qkv[1])[0], qkv[2][0]
+    _, k, v = split_qkv(attn, attn.qkv(block.norm1(prompts[None])))
+    return attn.k_norm(k)[0], v[0]
 
 
 @torch.no_grad()
@@ -480,12 +469,7 @@ def train_prompts(
         probe = calibration_batch(val_set, min(64, len(val_set)))
         merge_error = float((tuner(probe) - merged(probe)).abs().max())
     trainable = sum(p.numel() for n, p in tuner.named_parameters() if p.requires_grad and ".head." not in n)
-    out_meta.metrics = {**split_metrics(merged, out_meta), "epochs": result.epochs, "steps": result.steps,
-                        "train_seconds": round(result.seconds, 1),
-                        "val_top1_per_epoch": [round(h["val_top1"], 5) for h in result.history],
-                        "merge_max_abs_diff": merge_error}
-    out_meta.provenance = provenance(
-        "prompts", {**asdict(cfg), "train": asdict(train_cfg)}, train_cfg.seed, backbone=str(model_run),
-        backbone_classes=meta.classes, prompt_params=trainable, burstiness=whitening.report)
-    save_bundle(out, merged, out_meta)
-    return out
+    metrics = {"val_top1_per_epoch": [round(h["val_top1"], 5) for h in result.history],
+               "merge_max_abs_diff": merge_error}
+    return finish_run(out, merged, out_meta, "prompts", cfg, train_cfg, result, metrics, backbone=str(model_run),
+                      backbone_classes=meta.classes, prompt_params=trainable, burstiness=whitening.report)

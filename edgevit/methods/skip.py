@@ -33,7 +33,7 @@ import logging
 import random
 import tempfile
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from fractions import Fraction
 from pathlib import Path
 
@@ -51,10 +51,9 @@ from edgevit.data import calibration_batch, data_ref, load_split
 from edgevit.errors import EdgeVitError
 from edgevit.train import TrainConfig, fit, is_main_process
 from edgevit.train.loop import LossFn
-from edgevit.train.run import check_run_dir, method_train_config, provenance, split_metrics
-from edgevit.vit import BundleMeta, apply_surgery, load_bundle, save_bundle
+from edgevit.train.run import check_run_dir, finish_run, method_train_config, split_metrics
+from edgevit.vit import BundleMeta, apply_surgery, attention_blocks, load_bundle
 from edgevit.vit.bundle import atomic_write_json
-from edgevit.vit.surgery import MlpOnlyBlock
 
 log = logging.getLogger("edgevit")
 
@@ -102,11 +101,6 @@ class SkipConfig:
             raise EdgeVitError(f"--calib must be positive, got {self.calib}")
         if not 0 <= self.distill <= 1:
             raise EdgeVitError(f"--distill must be in [0, 1], got {self.distill}")
-
-
-def attention_blocks(model: VisionTransformer) -> list[int]:
-    """Indices of the blocks that still have an attention sub-layer."""
-    return [i for i, block in enumerate(model.blocks) if not isinstance(block, MlpOnlyBlock)]
 
 
 def pooled_tokens(model: VisionTransformer) -> slice:
@@ -349,19 +343,14 @@ def train_skip(
         result = fit(model, train_set, train_cfg, out, loss_fn=loss_fn, val_set=val_set, resume=resume,
                      description="skip heal")
     if is_main_process():
-        after = split_metrics(model, meta) if result else before
-        meta.metrics = {**after, "before_heal": {k: v for k, v in before.items() if k != "how"},
-                        "base_test_top1": base_test, "removed_blocks": selection.blocks,
-                        "heal_epochs": train_cfg.epochs,
-                        **({"steps": result.steps, "train_seconds": round(result.seconds, 1)} if result else {})}
+        metrics = {"before_heal": {k: v for k, v in before.items() if k != "how"}, "base_test_top1": base_test,
+                   "removed_blocks": selection.blocks, "heal_epochs": train_cfg.epochs}
         # blocks = the ones removed, so export.json's settings say what the graph lacks.
-        config = {**asdict(cfg), "select": selection.select, "blocks": selection.blocks, "heal": asdict(train_cfg)}
-        meta.provenance = provenance("skip", config, train_cfg.seed, base=str(model_dir),
-                                     removed_blocks=selection.blocks,
-                                     attention_similarity=_rounded(selection.scores["all"]),
-                                     attention_similarity_pooled=_rounded(selection.scores["pooled"]),
-                                     calibration=selection.calibration)
-        save_bundle(out, model, meta)
+        resolved = replace(cfg, select=selection.select, blocks=selection.blocks)
+        finish_run(out, model, meta, "skip", resolved, train_cfg, result, metrics, base=str(model_dir),
+                   removed_blocks=selection.blocks, attention_similarity=_rounded(selection.scores["all"]),
+                   attention_similarity_pooled=_rounded(selection.scores["pooled"]),
+                   calibration=selection.calibration)
     return out
 
 

@@ -43,9 +43,7 @@ teacher). :func:`load_transfer` rebuilds the runnable teacher + student model fr
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,8 +57,16 @@ from edgevit.data.transforms import default_preprocessing
 from edgevit.errors import EdgeVitError
 from edgevit.train import TrainConfig, evaluate, fit, is_main_process
 from edgevit.train.loop import CHECKPOINT, load_checkpoint
-from edgevit.train.run import check_run_dir, method_train_config, provenance, split_metrics
-from edgevit.vit import BundleMeta, attention, capture_attention_logits, create_vit, load_bundle, read_meta, save_bundle
+from edgevit.train.run import check_run_dir, finish_run, method_train_config, split_metrics
+from edgevit.vit import (
+    BundleMeta,
+    attention,
+    capture_attention_logits,
+    create_vit,
+    injected_attention,
+    load_bundle,
+    read_meta,
+)
 from edgevit.vit.bundle import BaseArch
 
 MODES = ("distill", "copy")
@@ -147,19 +153,6 @@ class HeadMixer(nn.Module):
 
     def forward(self, logits: torch.Tensor) -> torch.Tensor:
         return mix_heads(self.weight, logits)
-
-
-@contextmanager
-def injected(model: VisionTransformer, probs: dict[int, torch.Tensor]) -> Iterator[None]:
-    """Make the listed blocks of ``model`` attend with the given probabilities inside the context."""
-    layers = {b: attention(model, b) for b in probs}
-    for block, layer in layers.items():
-        layer.injected_probs = probs[block]
-    try:
-        yield
-    finally:
-        for layer in layers.values():
-            layer.injected_probs = None
 
 
 class TransferStudent(nn.Module):
@@ -249,7 +242,7 @@ class TransferStudent(nn.Module):
     def forward(self, images: torch.Tensor, attention_loss: bool = False):
         if self.mode == "copy":
             probs = self.copied_probs(images)
-            with injected(self.student, probs):
+            with injected_attention(self.student, probs):
                 logits = self.student(images)
             return (logits, torch.zeros((), device=logits.device)) if attention_loss else logits
         if not attention_loss:
@@ -338,24 +331,19 @@ def train_transfer(
     if is_main_process():
         model.eval()
         deploy: dict[str, Any] = {"deployable": True}
+        metrics: dict[str, Any] = {"train_images": len(train_set)}
         if cfg.mode == "copy":
             alone = evaluate(model.student, load_ref(meta.data, "test", pre))
-            meta.metrics = {**split_metrics(model, meta),
-                            "how": "top-1 of the student with the teacher's attention injected (the teacher runs "
-                                   "too), torch fp32, eval mode, on the bundle's data splits",
-                            "student_alone_test_top1": round(alone, 5)}
+            metrics.update(split_metrics(model, meta))  # what copy mode measures: student + teacher together
+            metrics.update(how="top-1 of the student with the teacher's attention injected (the teacher runs too), "
+                               "torch fp32, eval mode, on the bundle's data splits",
+                           student_alone_test_top1=round(alone, 5))
             deploy = {"deployable": False, "needs_teacher": str(Path(teacher_dir).resolve()),
                       "not_deployable_reason": "attention copy: the student attends with the teacher's maps, so "
                                                "the teacher must run at inference (see edgevit.methods.transfer)"}
-        else:
-            meta.metrics = split_metrics(model.student, meta)
-        meta.metrics.update(epochs=result.epochs, steps=result.steps, train_seconds=round(result.seconds, 1),
-                            train_images=len(train_set))
-        meta.provenance = provenance("transfer", {**asdict(cfg), "train": asdict(train_cfg)}, train_cfg.seed,
-                                     teacher=str(Path(teacher_dir).resolve()),
-                                     layer_map=[[s, t] for s, t in model.pairs],
-                                     head_groups=model.groups.tolist(), **deploy)
-        save_bundle(out, model.student, meta)
+        finish_run(out, model.student, meta, "transfer", cfg, train_cfg, result, metrics,
+                   teacher=str(Path(teacher_dir).resolve()), layer_map=[[s, t] for s, t in model.pairs],
+                   head_groups=model.groups.tolist(), **deploy)
     return out
 
 

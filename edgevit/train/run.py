@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import platform
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +15,8 @@ from edgevit import __version__
 from edgevit.data import data_ref, load_ref, source_classes
 from edgevit.errors import EdgeVitError
 from edgevit.methods.defaults import METHOD_TRAIN, augment_for
-from edgevit.train.loop import CHECKPOINT, TrainConfig, evaluate, is_main_process
-from edgevit.vit.bundle import META, BundleMeta
+from edgevit.train.loop import CHECKPOINT, TrainConfig, TrainResult, evaluate, is_main_process
+from edgevit.vit.bundle import META, BundleMeta, save_bundle
 
 
 def check_run_dir(out: str | Path, resume: bool, checkpoint: str = CHECKPOINT) -> Path:
@@ -61,6 +62,31 @@ def provenance(method: str, config: dict[str, Any], seed: int, **extra: Any) -> 
                      "python": platform.python_version()},
         **extra,
     }
+
+
+def finish_run(out: str | Path, model: nn.Module, meta: BundleMeta, method: str, cfg: Any,
+               train_cfg: TrainConfig, result: TrainResult | None = None, metrics: dict[str, Any] | None = None,
+               **extra: Any) -> Path:
+    """The last step of every ``train_<method>``: top-1 on the bundle's splits, the training record, the
+    provenance, and the bundle itself (``model`` must already be the plain graph ``meta`` describes).
+
+    Args:
+        out: the bundle directory.
+        model: the plain graph.
+        meta: its metadata (base, surgery, preprocessing, classes, data); metrics and provenance are set here.
+        method: the method's name.
+        cfg: the method's config dataclass (None for the baseline, which has only ``train_cfg``).
+        train_cfg: the optimisation settings.
+        result: what :func:`~edgevit.train.fit` returned (its epochs, steps and seconds are recorded), or None.
+        metrics: the method's own measurements, recorded after (and over) the split top-1s.
+        **extra: the method's provenance fields (teacher, backbone, removed blocks, ...).
+    """
+    trained = {"epochs": result.epochs, "steps": result.steps, "train_seconds": round(result.seconds, 1)} \
+        if result else {}
+    meta.metrics = {**split_metrics(model, meta), **trained, **(metrics or {})}
+    config = asdict(train_cfg) if cfg is None else {**asdict(cfg), "train": asdict(train_cfg)}
+    meta.provenance = provenance(method, config, train_cfg.seed, **extra)
+    return save_bundle(out, model, meta)
 
 
 def unseen_classes(meta: BundleMeta, data: str, classes: list[str] | None, purpose: str) -> list[str]:

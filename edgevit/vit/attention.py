@@ -23,6 +23,13 @@ from timm.layers import Attention
 from torch import nn
 
 
+def split_qkv(attn: Attention, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Queries, keys and values (``B x H x N x d_h`` each, before q/k norms) from ``attn.qkv``'s output
+    (``B x N x 3d``): timm's fused layout, ``[q | k | v]`` with heads contiguous inside each."""
+    B, N, _ = qkv.shape
+    return qkv.reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+
+
 class EdgeAttention(Attention):
     """timm ``Attention`` with logit capture, probability injection, prefix K/V and a memory branch."""
 
@@ -51,8 +58,7 @@ class EdgeAttention(Attention):
     ) -> torch.Tensor:
         B, N, _ = x.shape
         gate = self.gate(x).sigmoid() if self.gate is not None else None
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
+        q, k, v = split_qkv(self, self.qkv(x))
         q, k = self.q_norm(q), self.k_norm(k)
         if self.prefix_k is not None:
             k = torch.cat([self.prefix_k.to(k.dtype).expand(B, -1, -1, -1), k], dim=2)

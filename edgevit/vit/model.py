@@ -65,3 +65,41 @@ def capture_attention_logits(model: VisionTransformer, blocks: Iterable[int]) ->
             layer.logits = None
             handle.remove()
         captured.clear()
+
+
+def attention_blocks(model: VisionTransformer) -> list[int]:
+    """Indices of the blocks that still have an attention sub-layer (skip-pruned ones have none)."""
+    return [i for i, b in enumerate(model.blocks) if isinstance(getattr(b, "attn", None), EdgeAttention)]
+
+
+def embed_tokens(model: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
+    """The token sequence the first block's pre-norm reads: patch embedding, prefix tokens and position
+    embedding (resampled by timm for the image size), patch dropout."""
+    return model.patch_drop(model._pos_embed(model.patch_embed(images)))
+
+
+@torch.no_grad()
+def block_inputs(model: VisionTransformer, images: torch.Tensor, blocks: Iterable[int]) -> dict[int, torch.Tensor]:
+    """The inputs (``n x N x d``, fp32) of ``blocks`` when ``model`` reads ``images``."""
+    captured: dict[int, torch.Tensor] = {}
+    handles = [model.blocks[b].register_forward_pre_hook(
+        lambda module, args, b=b: captured.__setitem__(b, args[0].detach().float())) for b in blocks]
+    try:
+        model.eval().forward_features(images)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
+@contextmanager
+def injected_attention(model: VisionTransformer, probs: dict[int, torch.Tensor]) -> Iterator[None]:
+    """Make the listed blocks of ``model`` attend with the given probabilities inside the context."""
+    layers = {b: attention(model, b) for b in probs}
+    for block, layer in layers.items():
+        layer.injected_probs = probs[block]
+    try:
+        yield
+    finally:
+        for layer in layers.values():
+            layer.injected_probs = None
