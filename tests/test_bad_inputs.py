@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -110,3 +112,18 @@ def test_export_removes_temporary_directories_of_killed_exports_only(digits_bund
     assert not stale.exists() and live.exists() and foreign.exists()
     assert OWNER not in os.listdir(tmp_path / "out")
     assert OWNER not in json.loads((tmp_path / "out" / "export.json").read_text())["hashes"]
+
+
+def test_an_export_killed_with_sigkill_is_cleaned_up_by_the_next(digits_bundle, tmp_path):
+    killed = subprocess.Popen([sys.executable, "-m", "edgevit", "export", str(digits_bundle), "--profile",
+                               "cpu-ort-fp32", "-o", str(tmp_path / "first")], stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".first.*.tmp/bundle")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert list(tmp_path.glob(".first.*.tmp")) and not (tmp_path / "first").exists()
+    result = CliRunner().invoke(main, ["export", str(digits_bundle), "--profile", "cpu-ort-fp32",
+                                       "-o", str(tmp_path / "second")])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["second"]
