@@ -25,6 +25,7 @@ from typing import Any
 
 from edgevit.errors import EdgeVitError
 from edgevit.export.profiles import Profile, parse_profile
+from edgevit.export.triton import place_engine
 from edgevit.export.trtexec import ENGINE, SCRIPT
 
 log = logging.getLogger("edgevit")
@@ -176,6 +177,7 @@ def build_engine(out_dir: str | Path) -> dict[str, Any]:
         raise EdgeVitError(f"TensorRT failed to build an engine from {onnx_path.name} (see the log above)")
     engine_bytes = bytes(serialized)
     _atomic_write(out_dir / ENGINE, engine_bytes)
+    place_engine(out_dir, out_dir / ENGINE)
     if cache_path:
         _atomic_write(cache_path, bytes(config.get_timing_cache().serialize()))
     engine = trt.Runtime(logger).deserialize_cuda_engine(engine_bytes)

@@ -54,6 +54,7 @@ def build_script(profile: Profile, plans: dict[int, dict[str, Any]], input_name:
         "# the TensorRT version). Equivalent to `edgevit build` with the TensorRT Python API.",
         "set -euo pipefail",
         'cd "$(dirname "$0")"',
+        f"ENGINE={ENGINE}",
         'TRTEXEC="${TRTEXEC:-$(command -v trtexec || echo /usr/src/tensorrt/bin/trtexec)}"',
         'TRT_MAJOR="${TRT_MAJOR:-$(python3 -c \'import tensorrt; print(tensorrt.__version__.split(".")[0])\' '
         '2>/dev/null || echo 10)}"',
@@ -70,4 +71,7 @@ def build_script(profile: Profile, plans: dict[int, dict[str, Any]], input_name:
         for i, (test, command) in enumerate(branches):
             lines += [f"{'if' if i == 0 else 'elif'} {test}; then", f'  {command} "$@"']
         lines.append("fi")
+    lines += ["# The Triton repository's model version serves this engine (a hard link, or a copy).",
+              'for d in triton/*/1; do [ -d "$d" ] && { ln -f "$ENGINE" "$d/model.plan" 2>/dev/null || '
+              'cp "$ENGINE" "$d/model.plan"; }; done']
     return "\n".join(lines) + "\n"
