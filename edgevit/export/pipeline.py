@@ -34,6 +34,7 @@ log = logging.getLogger("edgevit")
 SCHEMA_VERSION = 1
 FP32_ONNX, INT8_ONNX, EXPORT_JSON = "model.onnx", "model.int8.onnx", "export.json"
 FP16_KEEP_FP32 = ["LayerNormalization", "Softmax"]
+OWNER = ".owner"  # in a temporary export directory: "<host> <pid>" of the export writing it
 
 
 def _versions() -> dict[str, str | None]:
@@ -44,9 +45,6 @@ def _versions() -> dict[str, str | None]:
         except PackageNotFoundError:
             found[package] = None
     return found
-
-
-OWNER = ".owner"  # in a temporary export directory: "<host> <pid>" of the export writing it
 
 
 def _prepare_out(out: Path) -> Path:
@@ -75,8 +73,8 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # another user's process
-        return True
+    except PermissionError:  # alive, another user's
+        pass
     return True
 
 

@@ -30,10 +30,14 @@ def model_name(export_dir_name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", export_dir_name).strip(".") or "edgevit"
 
 
+def model_file(profile: Profile) -> str:
+    """The file Triton serves in the model's version folder."""
+    return "model.plan" if profile.runtime == "tensorrt" else "model.onnx"
+
+
 def config_pbtxt(name: str, profile: Profile, export: dict[str, Any]) -> str:
     """The text-format ``ModelConfig`` for an export (see the module docstring for the batch rule)."""
     batch = profile.batch_spec
-    tensorrt = profile.runtime == "tensorrt"
     implicit = batch.dynamic or batch.max == 1
     inp, out = export["input"], export["output"]
 
@@ -42,9 +46,9 @@ def config_pbtxt(name: str, profile: Profile, export: dict[str, Any]) -> str:
 
     lines = [
         f'name: "{name}"',
-        f'platform: "{"tensorrt_plan" if tensorrt else "onnxruntime_onnx"}"',
+        f'platform: "{"tensorrt_plan" if profile.runtime == "tensorrt" else "onnxruntime_onnx"}"',
         f"max_batch_size: {batch.max if implicit else 0}",
-        f'default_model_filename: "{"model.plan" if tensorrt else "model.onnx"}"',
+        f'default_model_filename: "{model_file(profile)}"',
         f'input [{{ name: "{inp["name"]}", data_type: {DTYPES[inp["dtype"]]}, dims: [ {dims(inp["shape"])} ] }}]',
         f'output [{{ name: "{out["name"]}", data_type: {DTYPES[out["dtype"]]}, dims: [ {dims(out["shape"])} ], '
         f'label_filename: "{LABELS}" }}]',
@@ -53,8 +57,7 @@ def config_pbtxt(name: str, profile: Profile, export: dict[str, Any]) -> str:
         preferred = sorted({b for b in (batch.opt, batch.max) if b > 1})
         lines.append(f"dynamic_batching {{ preferred_batch_size: [ {', '.join(map(str, preferred))} ], "
                      "max_queue_delay_microseconds: 100 }")
-    kind = "KIND_GPU" if tensorrt else ("KIND_CPU" if profile.target == "cpu" else "KIND_GPU")
-    lines.append(f"instance_group [{{ count: 1, kind: {kind} }}]")
+    lines.append(f"instance_group [{{ count: 1, kind: {'KIND_CPU' if profile.target == 'cpu' else 'KIND_GPU'} }}]")
     return "\n".join(lines) + "\n"
 
 
@@ -66,10 +69,8 @@ def write_repository(out_dir: Path, name: str, profile: Profile, export: dict[st
     (model_dir / "config.pbtxt").write_text(config_pbtxt(name, profile, export))
     (model_dir / LABELS).write_text("\n".join(export["output"]["classes"]) + "\n")
     if profile.runtime == "onnxruntime":
-        _link(out_dir / export["deploy_onnx"], version / "model.onnx")
-    return {"repository": TRITON, "model": name,
-            "model_file": str((version / ("model.plan" if profile.runtime == "tensorrt" else "model.onnx"))
-                              .relative_to(out_dir))}
+        _link(out_dir / export["deploy_onnx"], version / model_file(profile))
+    return {"repository": TRITON, "model": name, "model_file": f"{TRITON}/{name}/1/{model_file(profile)}"}
 
 
 def place_engine(out_dir: Path, engine: Path) -> Path | None:

@@ -347,7 +347,8 @@ def train_skip(
                    "removed_blocks": selection.blocks, "heal_epochs": train_cfg.epochs}
         # blocks = the ones removed, so export.json's settings say what the graph lacks.
         resolved = replace(cfg, select=selection.select, blocks=selection.blocks)
-        finish_run(out, model, meta, "skip", resolved, train_cfg, result, metrics, base=str(model_dir),
+        finish_run(out, model, meta, "skip", resolved, train_cfg, result, metrics,
+                   top1=None if result else before, base=str(model_dir),
                    removed_blocks=selection.blocks, attention_similarity=_rounded(selection.scores["all"]),
                    attention_similarity_pooled=_rounded(selection.scores["pooled"]),
                    calibration=selection.calibration)

@@ -332,16 +332,17 @@ def train_transfer(
         model.eval()
         deploy: dict[str, Any] = {"deployable": True}
         metrics: dict[str, Any] = {"train_images": len(train_set)}
+        top1 = None
         if cfg.mode == "copy":
             alone = evaluate(model.student, load_ref(meta.data, "test", pre))
-            metrics.update(split_metrics(model, meta))  # what copy mode measures: student + teacher together
+            top1 = split_metrics(model, meta)  # what copy mode measures: student + teacher together
             metrics.update(how="top-1 of the student with the teacher's attention injected (the teacher runs too), "
                                "torch fp32, eval mode, on the bundle's data splits",
                            student_alone_test_top1=round(alone, 5))
             deploy = {"deployable": False, "needs_teacher": str(Path(teacher_dir).resolve()),
                       "not_deployable_reason": "attention copy: the student attends with the teacher's maps, so "
                                                "the teacher must run at inference (see edgevit.methods.transfer)"}
-        finish_run(out, model.student, meta, "transfer", cfg, train_cfg, result, metrics,
+        finish_run(out, model.student, meta, "transfer", cfg, train_cfg, result, metrics, top1,
                    teacher=str(Path(teacher_dir).resolve()), layer_map=[[s, t] for s, t in model.pairs],
                    head_groups=model.groups.tolist(), **deploy)
     return out

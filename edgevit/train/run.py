@@ -66,7 +66,7 @@ def provenance(method: str, config: dict[str, Any], seed: int, **extra: Any) -> 
 
 def finish_run(out: str | Path, model: nn.Module, meta: BundleMeta, method: str, cfg: Any,
                train_cfg: TrainConfig, result: TrainResult | None = None, metrics: dict[str, Any] | None = None,
-               **extra: Any) -> Path:
+               top1: dict[str, Any] | None = None, **extra: Any) -> Path:
     """The last step of every ``train_<method>``: top-1 on the bundle's splits, the training record, the
     provenance, and the bundle itself (``model`` must already be the plain graph ``meta`` describes).
 
@@ -78,12 +78,14 @@ def finish_run(out: str | Path, model: nn.Module, meta: BundleMeta, method: str,
         cfg: the method's config dataclass (None for the baseline, which has only ``train_cfg``).
         train_cfg: the optimisation settings.
         result: what :func:`~edgevit.train.fit` returned (its epochs, steps and seconds are recorded), or None.
-        metrics: the method's own measurements, recorded after (and over) the split top-1s.
+        metrics: the method's own measurements, recorded after the split top-1s.
+        top1: the split top-1s when the method has measured them already (default: measure ``model``).
         **extra: the method's provenance fields (teacher, backbone, removed blocks, ...).
     """
-    trained = {"epochs": result.epochs, "steps": result.steps, "train_seconds": round(result.seconds, 1)} \
-        if result else {}
-    meta.metrics = {**split_metrics(model, meta), **trained, **(metrics or {})}
+    trained = {}
+    if result is not None:
+        trained = {"epochs": result.epochs, "steps": result.steps, "train_seconds": round(result.seconds, 1)}
+    meta.metrics = {**(top1 or split_metrics(model, meta)), **trained, **(metrics or {})}
     config = asdict(train_cfg) if cfg is None else {**asdict(cfg), "train": asdict(train_cfg)}
     meta.provenance = provenance(method, config, train_cfg.seed, **extra)
     return save_bundle(out, model, meta)
