@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -48,6 +49,8 @@ class TrainConfig:
         amp: mixed precision when training on CUDA.
         grad_clip: max gradient norm (0 disables).
         seed: seeds initialisation, data order and augmentation.
+        workers: DataLoader worker processes decoding and augmenting image files (in-memory tensor
+            sources such as digits are read in the training process).
     """
 
     epochs: int = 30
@@ -60,6 +63,7 @@ class TrainConfig:
     amp: bool = True
     grad_clip: float = 1.0
     seed: int = 0
+    workers: int = 2
 
 
 @dataclass
@@ -146,6 +150,29 @@ def _batches(n: int, batch: int, rank: int, world: int, seed: int, epoch: int) -
     return [perm[(s * world + rank) * per_rank:(s * world + rank + 1) * per_rank] for s in range(steps)]
 
 
+def _decodes_files(dataset: Dataset) -> bool:
+    """Whether ``dataset`` (or the dataset under a ``Subset``) decodes files: worth DataLoader workers."""
+    base = getattr(dataset, "dataset", dataset)
+    return hasattr(base, "files")
+
+
+def _augments_itself(dataset: Dataset) -> bool:
+    """Whether ``dataset`` returns augmented images (timm's training transform), so the loop adds nothing."""
+    return getattr(getattr(dataset, "dataset", dataset), "augments", False)
+
+
+def _loader(dataset: Dataset, batches: list[list[int]], workers: int, device: torch.device,
+            seed: int) -> DataLoader:
+    """The epoch's batches; file decoding and augmentation run in ``workers`` processes whose random state
+    derives from ``seed``, so a resumed run replays the same augmented batches."""
+    workers = workers if _decodes_files(dataset) else 0
+    if workers == 0 and _augments_itself(dataset):  # the transforms draw from the global generators
+        random.seed(seed)
+        torch.manual_seed(seed)
+    return DataLoader(dataset, batch_sampler=batches, num_workers=workers, pin_memory=device.type == "cuda",
+                      generator=torch.Generator().manual_seed(seed))
+
+
 def _save_checkpoint(path: Path, state: dict) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
@@ -160,13 +187,14 @@ def load_checkpoint(path: Path) -> dict:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 256) -> float:
-    """Top-1 accuracy (0..1) of ``model`` on ``dataset``."""
+def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 256, workers: int = 0) -> float:
+    """Top-1 accuracy (0..1) of ``model`` on ``dataset`` (image files decoded in ``workers`` processes)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     correct = 0
-    for images, labels in DataLoader(dataset, batch_size=batch_size):
+    workers = workers if _decodes_files(dataset) else 0
+    for images, labels in DataLoader(dataset, batch_size=batch_size, num_workers=workers):
         correct += (model(images.to(device)).argmax(-1).cpu() == labels).sum().item()
     model.train(was_training)
     return correct / max(1, len(dataset))
@@ -222,6 +250,7 @@ def fit(
         train_module = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
+    augment = "none" if _augments_itself(train_set) else cfg.augment
     steps_per_epoch = len(_batches(len(train_set), cfg.batch_size, rank, world, cfg.seed, 0))
     total = steps_per_epoch * cfg.epochs
     warmup = min(total, round(cfg.warmup_epochs * steps_per_epoch))
@@ -233,11 +262,12 @@ def fit(
         task = progress.add_task(description, total=total, completed=step, status="")
         while epoch < cfg.epochs:
             train_module.train()
-            generator = torch.Generator().manual_seed(cfg.seed * 7919 + epoch * 31 + rank)
+            epoch_seed = cfg.seed * 7919 + epoch * 31 + rank
+            generator = torch.Generator().manual_seed(epoch_seed)
             batches = _batches(len(train_set), cfg.batch_size, rank, world, cfg.seed, epoch)
             loss_sum, correct, seen = 0.0, 0, 0
-            for images, labels in DataLoader(train_set, batch_sampler=batches):
-                images = augment_batch(images, cfg.augment, generator).to(device, non_blocking=True)
+            for images, labels in _loader(train_set, batches, cfg.workers, device, epoch_seed):
+                images = augment_batch(images, augment, generator).to(device, non_blocking=True)
                 labels = labels.to(device, non_blocking=True)
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(step, total, warmup, cfg.lr)
@@ -259,7 +289,8 @@ def fit(
             epoch += 1
             record = {"epoch": epoch, "step": step, "loss": loss_sum / seen, "train_top1": correct / seen}
             if val_set is not None and is_main_process():
-                record["val_top1"] = evaluate(eval_model(model) if eval_model else model, val_set)
+                record["val_top1"] = evaluate(eval_model(model) if eval_model else model, val_set,
+                                              workers=cfg.workers)
             history.append(record)
             if is_main_process():
                 _save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
