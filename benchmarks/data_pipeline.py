@@ -94,9 +94,19 @@ def main() -> None:
     pool = write_folder(args.work / "pool", max(sizes))
     print(f"generated {max(sizes)} 640x480 JPEGs under {pool} (cpus: {os.cpu_count()})")
 
+    import torch
+
+    threads = torch.get_num_threads()
     rates = {w: throughput(pool, w, args.throughput_images) for w in (0, 1, 2)}
     for w, rate in rates.items():
-        print(f"loader, {w} workers: {rate:.1f} images/s ({rate / rates[0]:.2f}x of 0 workers)")
+        print(f"loader, {w} workers: {rate:.1f} images/s ({rate / rates[0]:.2f}x of 0 workers; main process "
+              f"torch threads {threads}, workers 1)")
+    # Workers run torch single-threaded; the same in the main process separates threading from parallelism.
+    torch.set_num_threads(1)
+    single = throughput(pool, 0, args.throughput_images)
+    torch.set_num_threads(threads)
+    print(f"loader, 0 workers, main process torch threads 1: {single:.1f} images/s "
+          f"(2 workers: {rates[2] / single:.2f}x of it)")
 
     rows = {}
     for n in sizes:
