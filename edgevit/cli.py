@@ -158,12 +158,14 @@ def train() -> None:
               help="RandomResizedCrop area range for image folders (min,max).")
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0),
               help="DataLoader processes decoding and augmenting image files.")
+@click.option("--balance", is_flag=True,
+              help="Class-weighted sampling: rare classes (defects) are drawn as often as common ones.")
 @train_options(epochs=40, lr=1e-3)
 @resume_option
 @json_option
 def train_baseline(data, out, model_name, img_size, patch_size, embed_dim, depth, heads, classes, pretrained, init,
-                   mean, std, interpolation, crop_pct, hflip, vflip, scale, workers, epochs, lr, batch_size, seed,
-                   resume, as_json):
+                   mean, std, interpolation, crop_pct, hflip, vflip, scale, workers, balance, epochs, lr,
+                   batch_size, seed, resume, as_json):
     """Train a ViT on DATA: from scratch, from timm's pretrained weights (--pretrained) or a local
     checkpoint (--init).
 
@@ -181,7 +183,7 @@ def train_baseline(data, out, model_name, img_size, patch_size, embed_dim, depth
         classes=classes, init=init, pretrained=pretrained,
         preprocessing={"mean": mean, "std": std, "interpolation": interpolation, "crop_pct": crop_pct},
         augment=Augment(scale=tuple(scale), hflip=0.5 if hflip else 0.0, vflip=0.5 if vflip else 0.0),
-        cfg=_train_config(epochs, lr, batch_size, seed, data, workers=workers), resume=resume)
+        cfg=_train_config(epochs, lr, batch_size, seed, data, workers=workers, balance=balance), resume=resume)
     _report_bundle(out, as_json)
 
 
