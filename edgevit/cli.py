@@ -47,6 +47,15 @@ def _ints(value: str | None) -> list[int] | None:
         raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
 
 
+def _floats(value: str | None) -> list[float] | None:
+    if value is None:
+        return None
+    try:
+        return [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
+
+
 def classes_option(help: str):
     """``--classes A,B,C``, passed on as a list of class names (None when not given)."""
     return click.option("--classes", help=help, callback=lambda ctx, param, value: value.split(",") if value else None)
@@ -131,24 +140,52 @@ def train() -> None:
 @click.option("--depth", type=int, help="Override the number of blocks.")
 @click.option("--heads", type=int, help="Override the number of heads.")
 @classes_option("Comma-separated subset of the data's classes (default: all).")
+@click.option("--pretrained", is_flag=True,
+              help="Start from timm's pretrained weights of --model (a tagged name or hf-hub: id; needs the network "
+                   "once, then timm's cache).")
 @click.option("--init", type=click.Path(dir_okay=False),
-              help="Local checkpoint to start from (.safetensors, or a torch state dict).")
+              help="Local checkpoint of --model to start from (.safetensors, or a torch state dict); the bundle "
+                   "records --model's pretrained preprocessing.")
+@click.option("--mean", callback=lambda ctx, param, value: _floats(value),
+              help="Override the recorded normalisation mean (one value or one per channel).")
+@click.option("--std", callback=lambda ctx, param, value: _floats(value), help="Override the recorded std.")
+@click.option("--interpolation", type=click.Choice(["bilinear", "bicubic", "nearest"]),
+              help="Override the recorded resize interpolation.")
+@click.option("--crop-pct", type=float, help="Override the recorded centre-crop fraction (1: no crop).")
+@click.option("--hflip", is_flag=True, help="Augment image folders with horizontal flips (off: parts may be "
+                                            "orientation-sensitive).")
+@click.option("--vflip", is_flag=True, help="Augment image folders with vertical flips.")
+@click.option("--scale", default="0.5,1.0", show_default=True, callback=lambda ctx, param, value: _floats(value),
+              help="RandomResizedCrop area range for image folders (min,max).")
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0),
+              help="DataLoader processes decoding and augmenting image files.")
+@click.option("--balance", is_flag=True,
+              help="Class-weighted sampling: rare classes (defects) are drawn as often as common ones.")
 @train_options("baseline")
 @resume_option
 @json_option
-def train_baseline(data, out, model_name, img_size, patch_size, embed_dim, depth, heads, classes, init,
-                   epochs, lr, batch_size, seed, resume, as_json):
-    """Train a ViT on DATA (from scratch, or from a local checkpoint with --init).
+def train_baseline(data, out, model_name, img_size, patch_size, embed_dim, depth, heads, classes, pretrained, init,
+                   mean, std, interpolation, crop_pct, hflip, vflip, scale, workers, balance, epochs, lr,
+                   batch_size, seed, resume, as_json):
+    """Train a ViT on DATA: from scratch, from timm's pretrained weights (--pretrained) or a local
+    checkpoint (--init).
 
     \b
     Example:
       edgevit train baseline --data digits -o runs/base
+      edgevit train baseline --data line3/ --model deit_tiny_patch16_224 --init deit_tiny.safetensors -o runs/line3
     """
+    from edgevit.data.transforms import Augment
     from edgevit.methods.baseline import train_baseline as run
 
+    if len(scale) != 2:
+        raise click.BadParameter(f"expected min,max, got {scale}", param_hint="--scale")
     run(data, out, model_name=model_name, img_size=img_size, arch=_arch(patch_size, embed_dim, depth, heads),
-        classes=classes, init=init,
-        cfg=_train_config("baseline", epochs, lr, batch_size, seed, data), resume=resume)
+        classes=classes, init=init, pretrained=pretrained,
+        preprocessing={"mean": mean, "std": std, "interpolation": interpolation, "crop_pct": crop_pct},
+        augment=Augment(scale=tuple(scale), hflip=0.5 if hflip else 0.0, vflip=0.5 if vflip else 0.0),
+        cfg=_train_config("baseline", epochs, lr, batch_size, seed, data, workers=workers, balance=balance),
+        resume=resume)
     _report_bundle(out, as_json)
 
 

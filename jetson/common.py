@@ -1,4 +1,5 @@
-"""Shared helpers of the on-device scripts: only python3, numpy, tensorrt and cuda-python (JetPack).
+"""Shared helpers of the on-device scripts: only python3, numpy, tensorrt, cuda-python and an image decoder
+(Pillow, else OpenCV; JetPack has one).
 
 Nothing here imports edgevit: the export directory (export.json, build_engine.sh, ONNX graphs) carries
 everything the device needs.
@@ -8,7 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
+
+import numpy as np
 
 
 def cudart():
@@ -75,3 +79,55 @@ def check_engine(export_dir: Path) -> dict:
         raise SystemExit(f"engine built for {built.get('gpu_name')} ({built.get('compute_capability')}), this is "
                          f"{here['gpu_name']} ({here['compute_capability']}): rebuild it here")
     return built
+
+
+def _resized_size(width: int, height: int, pre: dict) -> tuple[int, int]:
+    """(width, height) before the centre crop, as timm's eval transform computes it."""
+    scale = math.floor(pre["size"] / pre.get("crop_pct", 1.0))
+    if pre.get("crop_mode", "squash") == "squash":
+        return scale, scale
+    if width <= height:  # torchvision's Resize(int): the shorter side to ``scale``, the longer floored
+        return scale, int(scale * height / width)
+    return int(scale * width / height), scale
+
+
+def _crop_box(width: int, height: int, size: int) -> tuple[int, int, int, int]:
+    left, top = int(round((width - size) / 2.0)), int(round((height - size) / 2.0))
+    return left, top, left + size, top + size
+
+
+def load_image(path: Path, pre: dict) -> np.ndarray:
+    """``size x size x channels`` float32 in [0, 1]: grayscale/RGB, resize, centre crop as edgevit (timm) does.
+
+    Pillow gives edgevit's exact pixels; the OpenCV fallback resizes with its own kernels (close, not equal).
+    """
+    size, channels = pre["size"], pre["channels"]
+    try:
+        from PIL import Image
+
+        with Image.open(path) as image:
+            image = image.convert("L" if channels == 1 else "RGB")
+            resample = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
+            image = image.resize(_resized_size(*image.size, pre), resample[pre.get("interpolation", "bilinear")])
+            array = np.asarray(image.crop(_crop_box(*image.size, size)), dtype=np.float32)
+    except ImportError:
+        import cv2
+
+        array = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE if channels == 1 else cv2.IMREAD_COLOR)
+        if array is None:
+            raise ValueError(f"cannot read {path}") from None
+        if channels == 3:
+            array = cv2.cvtColor(array, cv2.COLOR_BGR2RGB)
+        interpolation = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC, "nearest": cv2.INTER_NEAREST}
+        height, width = array.shape[:2]
+        new_w, new_h = _resized_size(width, height, pre)
+        array = cv2.resize(array, (new_w, new_h), interpolation=interpolation[pre.get("interpolation", "bilinear")])
+        left, top, right, bottom = _crop_box(new_w, new_h, size)
+        array = array[top:bottom, left:right].astype(np.float32)
+    return array.reshape(size, size, channels) / 255.0
+
+
+def normalize(x: np.ndarray, pre: dict) -> np.ndarray:
+    """``size x size x C`` in [0, 1] -> normalised ``C x size x size``."""
+    x = (x - np.array(pre["mean"], np.float32)) / np.array(pre["std"], np.float32)
+    return x.transpose(2, 0, 1)

@@ -2,7 +2,7 @@
 """Run an engine on an image folder and report top-1: the on-device accuracy check.
 
 The folder holds one sub-folder per class, named like the bundle's classes (export.json ``output.classes``);
-images are preprocessed as export.json ``input.preprocessing`` says (resize, grayscale/RGB, mean/std).
+images are preprocessed as export.json ``input.preprocessing`` says (grayscale/RGB, resize, centre crop, mean/std).
 Needs python3, numpy, tensorrt, cuda-python and an image decoder (Pillow, else OpenCV; JetPack has one).
 
     python3 jetson/run_folder.py build/base/orin-int8 /data/line3/test [--batch 1] [--csv predictions.csv]
@@ -14,35 +14,14 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-from common import check, check_engine, cudart, read_export
+from common import check, check_engine, cudart, load_image, normalize, read_export
 
 SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
 
-def load_image(path: Path, size: int, channels: int) -> np.ndarray:
-    """``size x size x channels`` float32 in [0, 1] (bilinear resize, as edgevit's preprocessing)."""
-    try:
-        from PIL import Image
-
-        with Image.open(path) as image:
-            image = image.convert("L" if channels == 1 else "RGB").resize((size, size), Image.BILINEAR)
-            array = np.asarray(image, dtype=np.float32)
-    except ImportError:
-        import cv2
-
-        array = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE if channels == 1 else cv2.IMREAD_COLOR)
-        if array is None:
-            raise ValueError(f"cannot read {path}") from None
-        if channels == 3:
-            array = cv2.cvtColor(array, cv2.COLOR_BGR2RGB)
-        array = cv2.resize(array, (size, size), interpolation=cv2.INTER_LINEAR).astype(np.float32)
-    return array.reshape(size, size, channels) / 255.0
-
-
 def preprocess(path: Path, pre: dict) -> np.ndarray:
-    x = load_image(path, pre["size"], pre["channels"])
-    x = (x - np.array(pre["mean"], np.float32)) / np.array(pre["std"], np.float32)
-    return x.transpose(2, 0, 1)
+    """``channels x size x size`` float32: export.json's preprocessing (resize, centre crop, mean/std)."""
+    return normalize(load_image(path, pre), pre)
 
 
 class Engine:

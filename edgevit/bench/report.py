@@ -146,6 +146,47 @@ def markdown(tables: dict[Setting, list[Entry]], source: str) -> str:
     return "\n".join(lines)
 
 
+def class_metrics(rows: Sequence[ResultRow]) -> dict[str, dict]:
+    """Per label: the bundle's per-class test top-1 and confusion matrix (measured at training time, torch
+    fp32), for the artifacts that are still where they were profiled and carry them."""
+    from edgevit.bench.backends import open_artifact
+
+    found: dict[str, dict] = {}
+    for row in rows:
+        if row_label(row) in found:
+            continue
+        for path in (Path(row.artifact), Path(row.artifact).parent):  # an engine file sits in its export dir
+            try:
+                meta = open_artifact(path).meta
+            except EdgeVitError:
+                continue
+            if "test_per_class_top1" in meta.metrics:
+                found[row_label(row)] = {"classes": meta.classes, "top1": meta.metrics["test_per_class_top1"],
+                                         "confusion": meta.metrics.get("test_confusion")}
+            break
+    return found
+
+
+def class_markdown(per_label: dict[str, dict]) -> list[str]:
+    """One confusion-matrix table per label (rows: true class, columns: predicted), with per-class top-1."""
+    if not per_label:
+        return []
+    lines = ["## Per-class test top-1 and confusion matrix", "",
+             "From each bundle's metrics (torch fp32 at training time); rows are the true class, columns the "
+             "predicted one.", ""]
+    for label, found in per_label.items():
+        classes = found["classes"]
+        lines += [f"### {label}", "", "| true \\ predicted | " + " | ".join(classes) + " | top-1 |",
+                  "|---|" + "---:|" * (len(classes) + 1)]
+        for i, c in enumerate(classes):
+            counts = found["confusion"][i] if found["confusion"] else ["–"] * len(classes)
+            top1 = found["top1"].get(c)
+            cells = " | ".join(str(n) for n in counts)
+            lines.append(f"| {c} | {cells} | {_fmt(top1 and 100 * top1, '.2f', '%')} |")
+        lines.append("")
+    return lines
+
+
 def method_colour(method: str, others: list[str]) -> str:
     if method in METHOD_COLOURS:
         return METHOD_COLOURS[method]
@@ -259,9 +300,12 @@ def build_report(results: str | Path, out_dir: str | Path, baseline_label: str |
     tables = {s: setting_entries(rs, baseline_label) for s, rs in group_rows(rows).items()}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out / "report.md", markdown(tables, str(results)).encode())
+    per_class = class_metrics(rows)
+    text = "\n".join([markdown(tables, str(results)), *class_markdown(per_class)])
+    atomic_write_bytes(out / "report.md", text.encode())
     plotted = pareto_png(tables, out / "pareto.png")
     report = {"source": str(results), "baseline_label": baseline_label, "pareto_png": plotted,
-              "settings": [{**asdict(s), "rows": [asdict(e) for e in es]} for s, es in tables.items()]}
+              "settings": [{**asdict(s), "rows": [asdict(e) for e in es]} for s, es in tables.items()],
+              "per_class": per_class}
     atomic_write_json(out / "report.json", report)
     return report

@@ -9,13 +9,21 @@ from edgevit.data.datasets import (
     load_split,
     source_classes,
 )
-from edgevit.data.sampling import balanced_indices, calibration_batch, fraction_subset
+from edgevit.data.sampling import (
+    balanced_indices,
+    calibration_batch,
+    class_balanced_weights,
+    class_counts,
+    fraction_subset,
+)
 from edgevit.data.transforms import default_preprocessing, image_to_tensor
 
 __all__ = [
     "DIGITS",
     "balanced_indices",
     "calibration_batch",
+    "class_balanced_weights",
+    "class_counts",
     "classifier_classes",
     "data_ref",
     "default_input",

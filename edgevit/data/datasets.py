@@ -19,7 +19,14 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from edgevit.data.transforms import default_preprocessing, image_to_tensor, normalize
+from edgevit.data.transforms import (
+    Augment,
+    Transform,
+    default_preprocessing,
+    eval_transform,
+    normalize,
+    train_transform,
+)
 from edgevit.errors import EdgeVitError
 from edgevit.vit.bundle import DataRef, Preprocessing
 
@@ -48,23 +55,32 @@ class TensorImages(Dataset):
 
 
 class ImageFiles(Dataset):
-    """Image files decoded on first use and kept in memory after that."""
+    """Image files, decoded on every access (in DataLoader workers when there are any): memory does not grow
+    with the folder.
 
-    def __init__(self, files: list[Path], targets: list[int], classes: list[str], pre: Preprocessing) -> None:
+    Args:
+        files: image paths.
+        targets: their labels.
+        classes: label names.
+        pre: the model's preprocessing (the eval transform unless ``transform`` is given).
+        transform: PIL image -> tensor, e.g. :func:`edgevit.data.transforms.train_transform`.
+    """
+
+    def __init__(self, files: list[Path], targets: list[int], classes: list[str], pre: Preprocessing,
+                 transform: Transform | None = None) -> None:
         self.files = files
         self.targets = targets
         self.classes = classes
         self.pre = pre
-        self._cache: dict[int, torch.Tensor] = {}
+        self.augments = transform is not None
+        self.transform = transform or eval_transform(pre)
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        if i not in self._cache:
-            with Image.open(self.files[i]) as image:
-                self._cache[i] = image_to_tensor(image, self.pre)
-        return self._cache[i], self.targets[i]
+        with Image.open(self.files[i]) as image:
+            return self.transform(image), self.targets[i]
 
 
 def digits_images(size: int) -> tuple[torch.Tensor, np.ndarray]:
@@ -162,7 +178,8 @@ def folder_classes(root: Path) -> list[str]:
     return classes
 
 
-def _load_folder(root: Path, split: str, pre: Preprocessing, classes: list[str] | None) -> ImageFiles:
+def _load_folder(root: Path, split: str, pre: Preprocessing, classes: list[str] | None,
+                 augment: Augment | None) -> ImageFiles:
     keep = _select_classes(folder_classes(root), classes)
     if (root / "train").is_dir():
         split_dir = root / split
@@ -179,10 +196,11 @@ def _load_folder(root: Path, split: str, pre: Preprocessing, classes: list[str] 
         files, targets = [all_files[i] for i in rows], [all_targets[i] for i in rows]
     if not files:
         raise EdgeVitError(f"the {split} split of {root} is empty")
-    return ImageFiles(files, targets, keep, pre)
+    return ImageFiles(files, targets, keep, pre, train_transform(pre, augment) if augment else None)
 
 
-def load_split(source: str, split: str, pre: Preprocessing, classes: list[str] | None = None) -> Dataset:
+def load_split(source: str, split: str, pre: Preprocessing, classes: list[str] | None = None,
+               augment: Augment | None = None) -> Dataset:
     """One split (``train``, ``val`` or ``test``) of a data source, preprocessed as ``pre``.
 
     Args:
@@ -190,6 +208,9 @@ def load_split(source: str, split: str, pre: Preprocessing, classes: list[str] |
         split: ``train``, ``val`` or ``test``.
         pre: the preprocessing of the model that will read the images.
         classes: a subset of the source's classes, in label order (default: all, sorted).
+        augment: for image folders, timm's training transform with these settings instead of the eval one
+            (the images then arrive augmented and the training loop adds nothing); digits ignore it and are
+            augmented in the loop (``TrainConfig.augment``).
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -198,7 +219,7 @@ def load_split(source: str, split: str, pre: Preprocessing, classes: list[str] |
     root = Path(source)
     if not root.is_dir():
         raise EdgeVitError(f"data {source!r} is neither 'digits' nor an image folder")
-    return _load_folder(root, split, pre, classes)
+    return _load_folder(root, split, pre, classes, augment)
 
 
 def source_classes(source: str) -> list[str]:

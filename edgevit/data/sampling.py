@@ -20,6 +20,21 @@ def _by_class(dataset: Dataset, seed: int) -> list[list[int]]:
     return [groups[y] for y in sorted(groups)]
 
 
+def class_counts(dataset: Dataset) -> dict[str, int] | None:
+    """Images per class of ``dataset`` (``None`` when it does not expose ``targets`` and ``classes``)."""
+    targets, classes = getattr(dataset, "targets", None), getattr(dataset, "classes", None)
+    if targets is None or classes is None:
+        return None
+    counts = torch.bincount(torch.as_tensor(list(targets), dtype=torch.long), minlength=len(classes)).tolist()
+    return dict(zip(classes, counts, strict=False))
+
+
+def class_balanced_weights(dataset: Dataset) -> torch.Tensor:
+    """One sampling weight per image, the inverse of its class's count: every class is drawn equally often."""
+    targets = torch.as_tensor(list(dataset.targets), dtype=torch.long)
+    return 1.0 / torch.bincount(targets).double()[targets]
+
+
 def balanced_indices(dataset: Dataset, n: int, seed: int = 0) -> list[int]:
     """``n`` indices drawn round-robin over classes (each class's order seeded-shuffled)."""
     if n > len(dataset):

@@ -1,20 +1,122 @@
-"""Image -> tensor, as recorded in a bundle's preprocessing."""
+"""Image -> tensor, as recorded in a bundle's preprocessing, through timm's transform factory.
+
+Eval (and export, profiling, prediction): timm's eval transform. ``crop_mode`` ``squash`` resizes both sides to
+``size / crop_pct`` (aspect ratio not kept; at ``crop_pct`` 1 nothing is cut off); ``center`` resizes the
+shorter side to ``floor(size / crop_pct)`` and cuts the centre ``size x size`` out, as timm evaluates its
+pretrained models. Training: timm's RandomResizedCrop pipeline, flips only where the user allows them.
+"""
 
 from __future__ import annotations
 
-import numpy as np
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
 import torch
 from PIL import Image
 
+from edgevit.errors import EdgeVitError
 from edgevit.vit.bundle import Preprocessing
 
-_RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
-             "nearest": Image.Resampling.NEAREST}
+Transform = Callable[[Image.Image], torch.Tensor]
 
 
 def default_preprocessing(size: int, channels: int) -> Preprocessing:
     """Mean/std of 0.5: a neutral choice for models trained from scratch on the user's own images."""
     return Preprocessing(size=size, channels=channels, mean=[0.5] * channels, std=[0.5] * channels)
+
+
+def pretrained_config(model_name: str) -> dict:
+    """timm's registered pretrained config of ``model_name`` (default tag when it has none), offline."""
+    from timm.models import get_pretrained_cfg
+
+    found = get_pretrained_cfg(model_name, allow_unregistered=False)
+    if found is None:
+        raise EdgeVitError(f"timm has no pretrained config for {model_name!r} (see timm.list_pretrained())")
+    return found.to_dict()
+
+
+def pretrained_preprocessing(pretrained_cfg: dict, channels: int, size: int | None = None) -> Preprocessing:
+    """The preprocessing a timm pretrained model was trained with (``timm.data.resolve_data_config``: mean,
+    std, interpolation, crop_pct, crop_mode), at ``size`` (default: the pretrained input size).
+
+    Args:
+        pretrained_cfg: a timm pretrained config (:func:`pretrained_config`, or a created model's
+            ``pretrained_cfg``).
+        channels: input channels; for 1 the per-channel statistics are averaged.
+        size: input side; default the pretrained input size.
+    """
+    from timm.data import resolve_data_config
+
+    data = resolve_data_config({}, pretrained_cfg=pretrained_cfg)
+    mean, std = list(data["mean"]), list(data["std"])
+    if channels == 1:
+        mean, std = [sum(mean) / len(mean)], [sum(std) / len(std)]
+    return Preprocessing(size=size or data["input_size"][-1], channels=channels, mean=mean, std=std,
+                         interpolation=data["interpolation"], crop_pct=data["crop_pct"],
+                         crop_mode=data.get("crop_mode") or "center")
+
+
+def with_overrides(pre: Preprocessing, **overrides) -> Preprocessing:
+    """``pre`` with the given fields replaced (``None`` values are ignored); a one-value mean/std is repeated
+    per channel."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    for key in ("mean", "std"):
+        if key in given:
+            values = list(given[key])
+            if len(values) == 1:
+                values *= pre.channels
+            if len(values) != pre.channels:
+                raise EdgeVitError(f"--{key} needs 1 or {pre.channels} values, got {len(values)}")
+            given[key] = values
+    if "crop_pct" in given and not 0 < given["crop_pct"] <= 1:
+        raise EdgeVitError(f"--crop-pct must be in (0, 1], got {given['crop_pct']}")
+    return pre.model_copy(update=given)
+
+
+def _converted(mode: str, tf: Transform, image: Image.Image) -> torch.Tensor:
+    return tf(image.convert(mode))
+
+
+def _with_mode(pre: Preprocessing, tf: Transform) -> Transform:
+    """``tf`` after a conversion to the model's channels; a partial (not a lambda) so workers can pickle it."""
+    return partial(_converted, "L" if pre.channels == 1 else "RGB", tf)
+
+
+def eval_transform(pre: Preprocessing) -> Transform:
+    """PIL image (any mode, any size) -> normalised ``C x size x size`` tensor, as the bundle records."""
+    from timm.data import create_transform
+
+    tf = create_transform(pre.size, is_training=False, interpolation=pre.interpolation, mean=pre.mean,
+                          std=pre.std, crop_pct=pre.crop_pct, crop_mode=pre.crop_mode)
+    return _with_mode(pre, tf)
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Training augmentation for image files (timm's RandomResizedCrop pipeline).
+
+    Args:
+        scale: RandomResizedCrop area range (fraction of the image kept).
+        hflip: horizontal flip probability (0: parts may be orientation-sensitive).
+        vflip: vertical flip probability.
+    """
+
+    scale: tuple[float, float] = (0.5, 1.0)
+    hflip: float = 0.0
+    vflip: float = 0.0
+
+
+def train_transform(pre: Preprocessing, augment: Augment) -> Transform:
+    """timm's training transform for ``pre`` (no colour jitter: a defect's colour can be its signature)."""
+    from timm.data import create_transform
+
+    lo, hi = augment.scale
+    if not 0 < lo <= hi <= 1:
+        raise EdgeVitError(f"--scale must satisfy 0 < min <= max <= 1, got {lo},{hi}")
+    tf = create_transform(pre.size, is_training=True, scale=augment.scale, hflip=augment.hflip, vflip=augment.vflip,
+                          color_jitter=None, interpolation=pre.interpolation, mean=pre.mean, std=pre.std)
+    return _with_mode(pre, tf)
 
 
 def normalize(x: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
@@ -25,10 +127,5 @@ def normalize(x: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
 
 
 def image_to_tensor(image: Image.Image, pre: Preprocessing) -> torch.Tensor:
-    """Any PIL image (grayscale, RGB, RGBA, palette; any size) -> normalised ``C x size x size`` tensor."""
-    image = image.convert("L" if pre.channels == 1 else "RGB")
-    image = image.resize((pre.size, pre.size), _RESAMPLE[pre.interpolation])
-    array = np.asarray(image, dtype=np.float32) / 255.0
-    x = torch.from_numpy(array.copy())
-    x = x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)
-    return normalize(x, pre)
+    """One PIL image through the bundle's eval transform."""
+    return eval_transform(pre)(image)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -9,12 +10,20 @@ import torch
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 from edgevit.data import DIGITS, classifier_classes, data_ref, default_input, load_split
-from edgevit.data.transforms import default_preprocessing
+from edgevit.data.transforms import (
+    Augment,
+    default_preprocessing,
+    pretrained_config,
+    pretrained_preprocessing,
+    with_overrides,
+)
 from edgevit.errors import EdgeVitError
 from edgevit.train import TrainConfig, fit, is_main_process
 from edgevit.train.run import check_run_dir, finish_run, method_train_config
 from edgevit.vit import BundleMeta, create_vit
-from edgevit.vit.bundle import BaseArch, read_weights
+from edgevit.vit.bundle import BaseArch, Preprocessing, read_weights
+
+log = logging.getLogger("edgevit")
 
 # A ViT small enough to train on 2 CPU cores in minutes, sized for 32 px digits.
 DIGITS_ARCH = {"patch_size": 4, "embed_dim": 96, "depth": 6, "num_heads": 3}
@@ -48,6 +57,21 @@ def load_init_weights(path: str | Path, model: VisionTransformer) -> list[str]:
     return missing
 
 
+def baseline_preprocessing(data: str, model_name: str, img_size: int | None, weights: str | None,
+                           overrides: dict[str, Any] | None = None) -> Preprocessing:
+    """The input of a baseline: the pretrained model's own preprocessing when the weights are timm's
+    (``weights`` ``pretrained``, or an ``--init`` file taken to hold ``model_name``'s pretrained weights) and
+    the data is RGB; otherwise the neutral from-scratch default. ``overrides`` (mean, std, interpolation,
+    crop_pct) replace recorded fields."""
+    default = default_input(data)
+    size = img_size or (None if weights else default.size)
+    if weights and default.channels == 3:
+        pre = pretrained_preprocessing(pretrained_config(model_name), default.channels, size)
+    else:
+        pre = default_preprocessing(size or default.size, default.channels)
+    return with_overrides(pre, **(overrides or {}))
+
+
 def train_baseline(
         data: str,
         out: str | Path,
@@ -58,39 +82,61 @@ def train_baseline(
         init: str | None = None,
         cfg: TrainConfig | None = None,
         resume: bool = False,
+        pretrained: bool = False,
+        preprocessing: dict[str, Any] | None = None,
+        augment: Augment | None = None,
 ) -> Path:
     """Train a ViT on ``data`` and write a bundle with val/test top-1 to ``out``.
 
     Args:
         data: ``digits`` or an image folder.
         out: the run directory (bundle + training checkpoint).
-        model_name: a timm ViT architecture.
-        img_size: input side; default 32 for digits, 224 otherwise.
+        model_name: a timm ViT architecture (with a pretrained tag or as ``hf-hub:`` id for ``pretrained``).
+        img_size: input side; default 32 for digits, the pretrained input size with pretrained weights, 224
+            otherwise.
         arch: architecture overrides (patch_size, embed_dim, depth, num_heads, ...); default: a small
             ViT for digits, the named architecture as is otherwise.
         classes: a subset of the source's classes to train on (default all).
-        init: a local checkpoint to start from.
+        init: a local checkpoint to start from (``model_name``'s pretrained preprocessing is recorded).
         cfg: optimisation settings.
         resume: continue a killed run in ``out``.
+        pretrained: start from timm's pretrained weights of ``model_name`` (needs the network once).
+        preprocessing: overrides of the recorded preprocessing (mean, std, interpolation, crop_pct).
+        augment: image-folder training augmentation (timm's pipeline; default RandomResizedCrop, no flips).
     """
+    if pretrained and init:
+        raise EdgeVitError("pass either --pretrained or --init, not both")
     cfg = cfg or method_train_config("baseline", data)
     out = check_run_dir(out, resume)
-    default = default_input(data)
-    pre = default_preprocessing(img_size or default.size, default.channels)
     classes = classifier_classes(data, classes)
-    arch = dict(DIGITS_ARCH if data == DIGITS and arch is None else arch or {})
-    kwargs = {"img_size": pre.size, "in_chans": pre.channels, "num_classes": len(classes), **arch}
+    arch = dict(DIGITS_ARCH if data == DIGITS and arch is None and not (pretrained or init) else arch or {})
+    resuming = resume and (out / "checkpoint.pt").exists()
     torch.manual_seed(cfg.seed)
-    model = create_vit(model_name, **kwargs)
-    if init and not (resume and (out / "checkpoint.pt").exists()):
-        load_init_weights(init, model)
+    if pretrained:
+        channels = default_input(data).channels
+        kwargs = {"in_chans": channels, "num_classes": len(classes), **arch,
+                  **({"img_size": img_size} if img_size else {})}
+        model = create_vit(model_name, pretrained=not resuming, **kwargs)
+        pre = with_overrides(pretrained_preprocessing(model.pretrained_cfg, channels, img_size),
+                             **(preprocessing or {}))
+        model_name = model.pretrained_cfg.get("architecture") or model_name  # a bundle rebuilds offline
+    else:
+        pre = baseline_preprocessing(data, model_name, img_size, init, preprocessing)
+        kwargs = {"in_chans": pre.channels, "num_classes": len(classes), **arch}
+        model = create_vit(model_name, img_size=pre.size, **kwargs)
+        if init and not resuming:
+            missing = load_init_weights(init, model)
+            log.info("--init %s: kept fresh (not in the file or of another shape): %s", init,
+                     ", ".join(missing) or "nothing")
+    kwargs["img_size"] = pre.size
 
     ref = data_ref(data, classes)
     meta = BundleMeta(base=BaseArch(name=model_name, kwargs=kwargs), preprocessing=pre, classes=classes,
                       data=ref)
-    train_set = load_split(data, "train", pre, ref.classes)
+    train_set = load_split(data, "train", pre, ref.classes, augment=augment or Augment())
     val_set = load_split(data, "val", pre, ref.classes)
     result = fit(model, train_set, cfg, out, val_set=val_set, resume=resume, description="baseline")
     if is_main_process():
-        finish_run(out, model, meta, "baseline", None, cfg, result, init=str(init) if init else None)
+        weights = "timm-pretrained" if pretrained else str(init) if init else None
+        finish_run(out, model, meta, "baseline", None, cfg, result, init=weights)
     return out

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -26,10 +27,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from edgevit.data.sampling import class_balanced_weights, class_counts
 from edgevit.errors import EdgeVitError
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 CHECKPOINT = "checkpoint.pt"
+# Evaluation batch: large enough to keep a CPU busy, small enough that a split's peak memory (decoded batch,
+# prefetched batches in each worker, activations) stays the same for any folder size.
+EVAL_BATCH = 64
 console = Console(stderr=True)
 
 
@@ -48,6 +53,10 @@ class TrainConfig:
         amp: mixed precision when training on CUDA.
         grad_clip: max gradient norm (0 disables).
         seed: seeds initialisation, data order and augmentation.
+        workers: DataLoader worker processes decoding and augmenting image files (in-memory tensor
+            sources such as digits are read in the training process).
+        balance: draw each epoch's images with replacement, weighted by the inverse of their class's count,
+            so rare classes (defects) are seen as often as common ones.
     """
 
     epochs: int = 30
@@ -60,6 +69,8 @@ class TrainConfig:
     amp: bool = True
     grad_clip: float = 1.0
     seed: int = 0
+    workers: int = 2
+    balance: bool = False
 
 
 @dataclass
@@ -138,12 +149,41 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", 0)) == 0
 
 
-def _batches(n: int, batch: int, rank: int, world: int, seed: int, epoch: int) -> list[list[int]]:
-    """This rank's share of a seeded permutation, cut into ``batch // world`` sized batches."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+def _batches(n: int, batch: int, rank: int, world: int, seed: int, epoch: int,
+             weights: torch.Tensor | None = None) -> list[list[int]]:
+    """This rank's share of a seeded permutation (or, with ``weights``, of ``n`` seeded weighted draws with
+    replacement), cut into ``batch // world`` sized batches."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    if weights is None:
+        perm = torch.randperm(n, generator=generator).tolist()
+    else:
+        perm = torch.multinomial(weights, n, replacement=True, generator=generator).tolist()
     per_rank = max(1, batch // world)
     steps = max(1, n // (per_rank * world))
     return [perm[(s * world + rank) * per_rank:(s * world + rank + 1) * per_rank] for s in range(steps)]
+
+
+def _decodes_files(dataset: Dataset) -> bool:
+    """Whether ``dataset`` (or the dataset under a ``Subset``) decodes files: worth DataLoader workers."""
+    base = getattr(dataset, "dataset", dataset)
+    return hasattr(base, "files")
+
+
+def _augments_itself(dataset: Dataset) -> bool:
+    """Whether ``dataset`` returns augmented images (timm's training transform), so the loop adds nothing."""
+    return getattr(getattr(dataset, "dataset", dataset), "augments", False)
+
+
+def _loader(dataset: Dataset, batches: list[list[int]], workers: int, device: torch.device,
+            seed: int) -> DataLoader:
+    """The epoch's batches; file decoding and augmentation run in ``workers`` processes whose random state
+    derives from ``seed``, so a resumed run replays the same augmented batches."""
+    workers = workers if _decodes_files(dataset) else 0
+    if workers == 0 and _augments_itself(dataset):  # the transforms draw from the global generators
+        random.seed(seed)
+        torch.manual_seed(seed)
+    return DataLoader(dataset, batch_sampler=batches, num_workers=workers, pin_memory=device.type == "cuda",
+                      generator=torch.Generator().manual_seed(seed))
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
@@ -161,13 +201,34 @@ def load_checkpoint(path: Path) -> dict:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 256) -> float:
-    """Top-1 accuracy (0..1) of ``model`` on ``dataset``."""
+def confusion_matrix(model: nn.Module, dataset: Dataset, num_classes: int, batch_size: int = EVAL_BATCH,
+                     workers: int = 0) -> torch.Tensor:
+    """``num_classes x num_classes`` counts of (true label, predicted label) of ``model`` on ``dataset``
+    (image files decoded in ``workers`` processes); the model's logits are the ``num_classes`` labels."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    matrix = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    workers = workers if _decodes_files(dataset) else 0
+    for images, labels in DataLoader(dataset, batch_size=batch_size, num_workers=workers):
+        logits = model(images.to(device))
+        if logits.shape[-1] != num_classes:
+            raise ValueError(f"the model has {logits.shape[-1]} outputs for {num_classes} classes")
+        predicted = logits.argmax(-1).cpu()
+        matrix += torch.bincount(labels * num_classes + predicted, minlength=num_classes**2).view_as(matrix)
+    model.train(was_training)
+    return matrix
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = EVAL_BATCH, workers: int = 0) -> float:
+    """Top-1 accuracy (0..1) of ``model`` on ``dataset`` (image files decoded in ``workers`` processes)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     correct = 0
-    for images, labels in DataLoader(dataset, batch_size=batch_size):
+    workers = workers if _decodes_files(dataset) else 0
+    for images, labels in DataLoader(dataset, batch_size=batch_size, num_workers=workers):
         correct += (model(images.to(device)).argmax(-1).cpu() == labels).sum().item()
     model.train(was_training)
     return correct / max(1, len(dataset))
@@ -223,6 +284,13 @@ def fit(
         train_module = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
+    augment = "none" if _augments_itself(train_set) else cfg.augment
+    weights = class_balanced_weights(train_set) if cfg.balance else None
+    counts = class_counts(train_set)
+    if counts and is_main_process():
+        sampling = " (class-balanced sampling)" if cfg.balance else ""
+        console.print(f"{description}: {len(train_set)} training images{sampling}; per class: "
+                      + ", ".join(f"{c} {n}" for c, n in counts.items()), highlight=False, soft_wrap=True)
     steps_per_epoch = len(_batches(len(train_set), cfg.batch_size, rank, world, cfg.seed, 0))
     total = steps_per_epoch * cfg.epochs
     warmup = min(total, round(cfg.warmup_epochs * steps_per_epoch))
@@ -234,11 +302,12 @@ def fit(
         task = progress.add_task(description, total=total, completed=step, status="")
         while epoch < cfg.epochs:
             train_module.train()
-            generator = torch.Generator().manual_seed(cfg.seed * 7919 + epoch * 31 + rank)
-            batches = _batches(len(train_set), cfg.batch_size, rank, world, cfg.seed, epoch)
+            epoch_seed = cfg.seed * 7919 + epoch * 31 + rank
+            generator = torch.Generator().manual_seed(epoch_seed)
+            batches = _batches(len(train_set), cfg.batch_size, rank, world, cfg.seed, epoch, weights)
             loss_sum, correct, seen = 0.0, 0, 0
-            for images, labels in DataLoader(train_set, batch_sampler=batches):
-                images = augment_batch(images, cfg.augment, generator).to(device, non_blocking=True)
+            for images, labels in _loader(train_set, batches, cfg.workers, device, epoch_seed):
+                images = augment_batch(images, augment, generator).to(device, non_blocking=True)
                 labels = labels.to(device, non_blocking=True)
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(step, total, warmup, cfg.lr)
@@ -260,7 +329,8 @@ def fit(
             epoch += 1
             record = {"epoch": epoch, "step": step, "loss": loss_sum / seen, "train_top1": correct / seen}
             if val_set is not None and is_main_process():
-                record["val_top1"] = evaluate(eval_model(model) if eval_model else model, val_set)
+                record["val_top1"] = evaluate(eval_model(model) if eval_model else model, val_set,
+                                              workers=cfg.workers)
             history.append(record)
             if is_main_process():
                 _save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),

@@ -11,7 +11,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -40,13 +40,19 @@ class BaseArch(_Strict):
 
 
 class Preprocessing(_Strict):
-    """How an image becomes the model's input tensor."""
+    """How an image becomes the model's input tensor (timm's eval transform; see ``edgevit.data.transforms``).
+
+    ``crop_mode`` ``squash`` resizes both sides to ``size / crop_pct``; ``center`` resizes the shorter side to
+    ``floor(size / crop_pct)``; both then cut the centre ``size x size``.
+    """
 
     size: int
     channels: int = Field(ge=1, le=3)
     mean: list[float]
     std: list[float]
     interpolation: str = "bilinear"
+    crop_pct: float = Field(default=1.0, gt=0, le=1)
+    crop_mode: Literal["squash", "center"] = "squash"
 
 
 class DataRef(_Strict):

@@ -13,20 +13,27 @@ from edgevit.errors import EdgeVitError
 from edgevit.vit.attention import EdgeAttention
 
 
-def create_vit(name: str, **kwargs) -> VisionTransformer:
-    """``timm.create_model(name, **kwargs)`` with :class:`EdgeAttention` in every block, random weights.
+def create_vit(name: str, pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """``timm.create_model(name, **kwargs)`` with :class:`EdgeAttention` in every block.
 
     Args:
-        name: a timm ViT architecture, e.g. ``vit_tiny_patch16_224``.
+        name: a timm ViT architecture, e.g. ``vit_tiny_patch16_224``, with a pretrained tag
+            (``vit_small_patch16_224.augreg_in21k_ft_in1k``) or an ``hf-hub:`` id when ``pretrained``.
+        pretrained: load timm's pretrained weights (downloaded through the Hugging Face hub and cached; timm
+            replaces a head of another size and resizes position embeddings); default random weights.
         **kwargs: overrides of the architecture (img_size, patch_size, embed_dim, depth, num_heads,
             in_chans, num_classes, global_pool, ...).
     """
-    if not timm.is_model(name):
+    if not (name.startswith("hf-hub:") and pretrained) and not timm.is_model(name):
         raise EdgeVitError(f"unknown timm model {name!r} (see timm.list_models('vit_*'))")
     try:
-        model = timm.create_model(name, pretrained=False, attn_layer=EdgeAttention, **kwargs)
+        model = timm.create_model(name, pretrained=pretrained, attn_layer=EdgeAttention, **kwargs)
     except TypeError as err:
         raise EdgeVitError(f"{name} is not a ViT edgevit can adapt: {err}") from None
+    except OSError as err:  # huggingface_hub's offline / not-found errors and urllib's are all OSErrors
+        raise EdgeVitError(f"cannot fetch pretrained weights for {name} ({type(err).__name__}; offline?): "
+                           f"download its model.safetensors on a connected machine and pass --model "
+                           f"{name.removeprefix('hf-hub:')} --init model.safetensors") from None
     if not isinstance(model, VisionTransformer):
         raise EdgeVitError(f"{name} is a {type(model).__name__}, not a timm VisionTransformer")
     return model
