@@ -21,7 +21,7 @@ import onnx
 import torch
 
 from edgevit.errors import EdgeVitError
-from edgevit.export import checks, quantize
+from edgevit.export import checks, deepstream, quantize, triton
 from edgevit.export import onnx as onnx_export
 from edgevit.export.profiles import Profile, load_profile
 from edgevit.export.tensorrt import FP16_ONNX, build_plan, sha256
@@ -33,6 +33,9 @@ log = logging.getLogger("edgevit")
 SCHEMA_VERSION = 1
 FP32_ONNX, INT8_ONNX, EXPORT_JSON = "model.onnx", "model.int8.onnx", "export.json"
 FP16_KEEP_FP32 = ["LayerNormalization", "Softmax"]
+# Deployment targets written beside the graph: each module's ``emit(out, export, profile, parity_images)`` writes
+# its own folder and returns what export.json records under ``targets[NAME]`` (None: not for this profile).
+EMITTERS = (triton, deepstream)
 
 
 def _versions() -> dict[str, str | None]:
@@ -148,6 +151,7 @@ def _export_into(tmp: Path, run: Path, meta, profile: Profile, cal_images: np.nd
     }
     if int8_info is not None:
         export["int8"] = int8_info
+    export["targets"] = {e.NAME: info for e in EMITTERS if (info := e.emit(tmp, export, profile, images)) is not None}
     export["hashes"] = {str(p.relative_to(tmp)): sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
     atomic_write_json(tmp / EXPORT_JSON, export)
     return export

@@ -25,6 +25,7 @@ from typing import Any
 
 from edgevit.errors import EdgeVitError
 from edgevit.export.profiles import Profile, parse_profile
+from edgevit.export.triton import place_engine
 from edgevit.export.trtexec import ENGINE, SCRIPT
 
 log = logging.getLogger("edgevit")
@@ -189,6 +190,9 @@ def build_engine(out_dir: str | Path) -> dict[str, Any]:
             "engine_sha256": hashlib.sha256(engine_bytes).hexdigest(),
             "build_seconds": round(time.perf_counter() - started, 2),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    triton_plan = place_engine(out_dir)
+    if triton_plan is not None:
+        info["triton_model_file"] = str(triton_plan.relative_to(out_dir))
     _atomic_write(out_dir / ENGINE_JSON, (json.dumps(info, indent=2) + "\n").encode())
     return info
 
