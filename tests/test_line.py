@@ -293,3 +293,31 @@ def test_per_channel_std_writes_the_nearest_scalar_with_a_measured_warning(image
     exact = run_onnx(tmp_path / "out" / "model.onnx", images, 1)
     approx = run_onnx(tmp_path / "out" / "model.onnx", nvinfer_input, 1)
     assert np.abs(exact - approx).max() == pytest.approx(cost["max_abs_logit_diff"], rel=1e-3, abs=1e-5)
+
+
+def test_secondary_classifier_on_a_detectors_objects(tmp_path):
+    from edgevit.errors import EdgeVitError
+    from edgevit.export.profiles import parse_profile
+
+    base = next(p for p in PROFILES if p.name == "jetson-orin-nano-fp16").model_dump(mode="json")
+    profile = parse_profile(
+        {
+            **base,
+            "deepstream": {
+                "mode": "secondary",
+                "gie_unique_id": 2,
+                "operate_on_gie_id": 1,
+                "operate_on_class_ids": [0, 2],
+                "classifier_threshold": 0.5,
+            },
+        }
+    )
+    (tmp_path / "c.txt").write_text(deepstream.config_infer(fake_export(profile), profile))
+    props = read_nvinfer(tmp_path / "c.txt")
+    assert set(props) <= NVINFER_PROPERTY_KEYS
+    assert (props["process-mode"], props["gie-unique-id"], props["operate-on-gie-id"]) == ("2", "2", "1")
+    assert props["operate-on-class-ids"] == "0;2" and props["classifier-threshold"] == "0.5"
+    with pytest.raises(EdgeVitError, match="needs operate_on_gie_id"):
+        parse_profile({**base, "deepstream": {"mode": "secondary"}})
+    with pytest.raises(EdgeVitError, match="unknown key 'deepstream.operate_on_gie'; did you mean 'operate_on_gie_id'"):
+        parse_profile({**base, "deepstream": {"mode": "secondary", "operate_on_gie": 1}})

@@ -13,8 +13,9 @@ fp32 graph on its parity images preprocessed both ways and records the top-1 agr
 difference in export.json and in a warning at the top of the config.
 
 nvinfer's default classifier parser takes the output layer's values as they are, and the graph's output is
-logits, so ``classifier-threshold`` is compared with the winning logit: 0 attaches the argmax label whenever
-its logit is positive (nvinfer refuses negative thresholds).
+logits, so ``classifier-threshold`` is compared with the winning logit: the default 0 attaches the argmax label
+whenever its logit is positive (nvinfer refuses negative thresholds). The profile's ``deepstream`` section picks
+primary (whole frames, the default) or secondary (a detector's objects, ``operate-on-gie-id``).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ log = logging.getLogger("edgevit")
 NAME = "deepstream"
 FOLDER = "deepstream"
 CONFIG, LABELS = "config_infer.txt", "labels.txt"
+PROCESS_MODE = {"primary": 1, "secondary": 2}
 NETWORK_MODE = {"fp32": 0, "int8": 1, "fp16": 2}
 COLOR_FORMAT = {3: 0, 1: 2}  # nvinfer: 0 RGB, 1 BGR, 2 GRAY; timm models take RGB
 SCALING_FILTER = {"nearest": 0, "bilinear": 1, "bicubic": 2}  # NvBufSurfTransform_Inter (2: GPU cubic)
@@ -70,11 +72,11 @@ def _engine_inputs(export: dict[str, Any]) -> tuple[int, list[int]]:
 
 
 def config_infer(export: dict[str, Any], profile: Profile, warning: str | None = None) -> str:
-    """``config_infer.txt`` (the ``[property]`` group of a primary nvinfer classifier) for export.json ``export``.
+    """``config_infer.txt`` (the ``[property]`` group of an nvinfer classifier) for export.json ``export``.
 
     Paths are relative to the config file, as nvinfer resolves them.
     """
-    pre = export["input"]["preprocessing"]
+    pre, ds = export["input"]["preprocessing"], profile.deepstream
     channels, dims = _engine_inputs(export)
     scale, offsets, _ = scale_and_offsets(pre["mean"], pre["std"])
     lines = [
@@ -92,17 +94,21 @@ def config_infer(export: dict[str, Any], profile: Profile, warning: str | None =
         "batch-size": profile.batch_spec.max,
         "network-mode": NETWORK_MODE[profile.precision],
         "network-type": 1,
-        "process-mode": 1,
-        "gie-unique-id": 1,
+        "process-mode": PROCESS_MODE[ds.mode],
+        "gie-unique-id": ds.gie_unique_id,
         "net-scale-factor": repr(scale),
         "offsets": ";".join(repr(o) for o in offsets),
         "model-color-format": COLOR_FORMAT[channels],
         "infer-dims": ";".join(str(d) for d in dims),
         "output-blob-names": export["output"]["name"],
-        "classifier-threshold": 0.0,
+        "classifier-threshold": ds.classifier_threshold,
         "maintain-aspect-ratio": 0,
         "scaling-filter": SCALING_FILTER.get(pre.get("interpolation", "bilinear"), 1),
     }
+    if ds.mode == "secondary":
+        props["operate-on-gie-id"] = ds.operate_on_gie_id
+        if ds.operate_on_class_ids:
+            props["operate-on-class-ids"] = ";".join(map(str, ds.operate_on_class_ids))
     if profile.tensorrt.dla_core is not None:
         props.update({"enable-dla": 1, "use-dla-core": profile.tensorrt.dla_core})
     lines += ["[property]", *(f"{k}={v}" for k, v in props.items())]
