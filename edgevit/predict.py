@@ -87,21 +87,21 @@ class Predictor:
         raise EdgeVitError(f"cannot classify a {type(image).__name__}; pass a path, a PIL image or an array")
 
     def _from_array(self, array: np.ndarray) -> np.ndarray:
-        if array.dtype == np.uint8:
-            return image_to_tensor(Image.fromarray(array), self.pre).numpy()
-        if array.ndim not in (2, 3) or not np.issubdtype(array.dtype, np.floating):
+        one_image = array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (1, 3, 4))
+        if not one_image or not (array.dtype == np.uint8 or np.issubdtype(array.dtype, np.floating)):
             raise EdgeVitError(
-                f"an image array is H x W or H x W x C, uint8 or float in [0, 1]; got {array.dtype} {array.shape}"
+                f"an image array is H x W or H x W x C (C = 1, 3 or 4), uint8 or float in [0, 1]; got {array.dtype} "
+                f"{array.shape} (pass a list of arrays for a batch)"
             )
+        if array.dtype == np.uint8:
+            return image_to_tensor(
+                Image.fromarray(array.squeeze(-1) if array.ndim == 3 and array.shape[-1] == 1 else array), self.pre
+            ).numpy()
         import torch
 
-        planes = array[..., None] if array.ndim == 2 else array
-        if planes.shape[-1] != self.pre.channels:  # gray <-> RGB, as PIL's convert does for images
-            planes = (
-                planes[..., :3] @ LUMA[:, None]
-                if self.pre.channels == 1
-                else np.repeat(planes[..., :1], self.pre.channels, -1)
-            )
+        planes = array[..., None] if array.ndim == 2 else array[..., :3]  # alpha is dropped, as convert() does
+        if planes.shape[-1] != self.pre.channels:  # gray <-> RGB with PIL's convert() weights
+            planes = planes @ LUMA[:, None] if self.pre.channels == 1 else np.repeat(planes, 3, -1)
         size = (self.pre.size, self.pre.size)
         if planes.shape[:2] != size:  # PIL's float-mode resize: the filter image_to_tensor uses, unquantised
             resample = getattr(Image.Resampling, self.pre.interpolation.upper())

@@ -114,3 +114,17 @@ def test_text_output_and_bad_inputs(digits_export, tmp_path):
         assert run.exit_code == 2 and len(lines) == 1 and match in lines[0], run.output
     run = CliRunner().invoke(main, ["predict", str(tmp_path), str(image)])
     assert run.exit_code == 2 and "neither an export directory" in run.output
+
+
+def test_arrays_and_images_are_preprocessed_alike(digits_export):
+    from edgevit.errors import EdgeVitError
+
+    predictor = Predictor(digits_export)
+    gray = np.random.default_rng(0).integers(0, 256, (16, 16), dtype=np.uint8)
+    from_file = predictor.preprocess(Image.fromarray(gray))
+    np.testing.assert_array_equal(predictor.preprocess(gray), from_file)
+    np.testing.assert_allclose(predictor.preprocess(gray.astype(np.float32) / 255), from_file, atol=1e-6)
+    rgb = np.random.default_rng(1).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(predictor.preprocess(rgb), predictor.preprocess(Image.fromarray(rgb, "RGB")))
+    with pytest.raises(EdgeVitError, match="pass a list of arrays for a batch"):
+        predictor.preprocess(np.zeros((8, 16, 16), np.float32))
