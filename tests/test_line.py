@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from edgevit.errors import EdgeVitError
 from edgevit.export import deepstream, export_bundle, list_profiles, triton
 from edgevit.export.checks import run_onnx
 from edgevit.vit import save_bundle
@@ -191,6 +192,8 @@ def test_nvinfer_scale_and_offsets_reproduce_the_models_normalisation():
 
 def test_labels_are_one_line_for_the_single_output_layer():
     assert deepstream.labels_txt(["bolt", "nut", "washer"]) == "bolt;nut;washer\n"
+    with pytest.raises(EdgeVitError, match="cannot hold ';'"):
+        deepstream.labels_txt(["m3;m4", "nut"])
 
 
 @pytest.fixture(scope="module")
@@ -296,7 +299,6 @@ def test_per_channel_std_writes_the_nearest_scalar_with_a_measured_warning(image
 
 
 def test_secondary_classifier_on_a_detectors_objects(tmp_path):
-    from edgevit.errors import EdgeVitError
     from edgevit.export.profiles import parse_profile
 
     base = next(p for p in PROFILES if p.name == "jetson-orin-nano-fp16").model_dump(mode="json")

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from edgevit.errors import EdgeVitError
 from edgevit.export.checks import run_onnx
 from edgevit.export.profiles import Profile
 from edgevit.export.trtexec import ENGINE
@@ -66,18 +67,13 @@ def approximation_cost(
     }
 
 
-def _engine_inputs(export: dict[str, Any]) -> tuple[int, list[int]]:
-    dims = export["input"]["shape"][1:]
-    return dims[0], dims
-
-
 def config_infer(export: dict[str, Any], profile: Profile, warning: str | None = None) -> str:
     """``config_infer.txt`` (the ``[property]`` group of an nvinfer classifier) for export.json ``export``.
 
     Paths are relative to the config file, as nvinfer resolves them.
     """
     pre, ds = export["input"]["preprocessing"], profile.deepstream
-    channels, dims = _engine_inputs(export)
+    dims = export["input"]["shape"][1:]  # C, H, W
     scale, offsets, _ = scale_and_offsets(pre["mean"], pre["std"])
     lines = [
         f"# nvinfer classifier for {export['method']} / profile {profile.name}, written by `edgevit export`.",
@@ -98,11 +94,11 @@ def config_infer(export: dict[str, Any], profile: Profile, warning: str | None =
         "gie-unique-id": ds.gie_unique_id,
         "net-scale-factor": repr(scale),
         "offsets": ";".join(repr(o) for o in offsets),
-        "model-color-format": COLOR_FORMAT[channels],
+        "model-color-format": COLOR_FORMAT[dims[0]],
         "infer-dims": ";".join(str(d) for d in dims),
         "output-blob-names": export["output"]["name"],
         "classifier-threshold": ds.classifier_threshold,
-        "maintain-aspect-ratio": 0,
+        "maintain-aspect-ratio": 0,  # edgevit resizes to a square without keeping the aspect ratio too
         "scaling-filter": SCALING_FILTER.get(pre.get("interpolation", "bilinear"), 1),
     }
     if ds.mode == "secondary":
@@ -119,7 +115,7 @@ def labels_txt(classes: list[str]) -> str:
     """nvinfer's classifier label file: one line per output layer, that layer's labels separated by ``;``."""
     bad = [c for c in classes if ";" in c or "\n" in c]
     if bad:
-        raise ValueError(f"class names cannot hold ';' or a newline in a DeepStream label file: {bad}")
+        raise EdgeVitError(f"class names cannot hold ';' or a newline in a DeepStream label file: {bad}")
     return ";".join(classes) + "\n"
 
 
