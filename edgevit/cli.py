@@ -722,3 +722,31 @@ def doctor_cmd(as_json):
 
     report = diagnose()
     _emit(report, as_json, format_report(report))
+
+
+# --- predict -------------------------------------------------------------------------------------------------
+
+@main.command("predict")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.argument("images", nargs=-1, required=True)
+@click.option("--backend", type=click.Choice(["ort", "trt", "torch"]), default="ort", show_default=True)
+@click.option("--top-k", default=1, show_default=True, type=click.IntRange(min=1), help="Classes shown per image.")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Also write one row per image here.")
+@click.option("--threads", default=1, show_default=True, type=int, help="CPU threads of the runtime.")
+@json_option
+def predict_cmd(out, images, backend, top_k, csv_path, threads, as_json):
+    """Classify IMAGES (files, folders, globs) with the export in OUT, preprocessed as its export.json says.
+
+    Folders of class sub-folders (named like the export's classes) are also scored: top-1, per-class
+    accuracy and a confusion matrix.
+
+    \b
+    Example:
+      edgevit predict build/base/orin-int8 /data/line3/test --backend trt --csv predictions.csv
+    """
+    from edgevit.predict import format_result, predict_files, write_csv
+
+    result = predict_files(out, images, backend, top_k, threads)
+    if csv_path:
+        write_csv(result, csv_path)
+    _emit(result, as_json, format_result(result) + (f"\nwrote {csv_path}" if csv_path else ""))

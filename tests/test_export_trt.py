@@ -183,6 +183,8 @@ def test_build_engine_flow_on_tensorrt_10_and_11(fp16_export, monkeypatch, versi
     assert calls["shapes"] == ((1, 1, 16, 16), (8, 1, 16, 16), (32, 1, 16, 16))
     assert calls["workspace"] == 4096 << 20 and calls["builder_optimization_level"] == 4
     assert (out / "engine.plan").read_bytes() == b"engine-bytes" and (out / "timing.cache").read_bytes() == b"cache"
+    assert info["triton_model_file"].endswith("/1/model.plan")  # the Triton repository gets the same plan
+    assert (out / info["triton_model_file"]).read_bytes() == b"engine-bytes"
     saved = json.loads((out / ENGINE_JSON).read_text())
     assert saved == info and saved["trt_version"] == version and saved["onnx_sha256"] == sha256(out / onnx_name)
     assert json.loads((out / "engine_inspector.json").read_text()) == {"Layers": []}

@@ -22,7 +22,7 @@ import onnx
 import torch
 
 from edgevit.errors import EdgeVitError
-from edgevit.export import checks, quantize, triton
+from edgevit.export import checks, deepstream, quantize, triton
 from edgevit.export import onnx as onnx_export
 from edgevit.export.profiles import Profile, load_profile
 from edgevit.export.tensorrt import FP16_ONNX, build_plan, sha256
@@ -35,6 +35,9 @@ SCHEMA_VERSION = 1
 FP32_ONNX, INT8_ONNX, EXPORT_JSON = "model.onnx", "model.int8.onnx", "export.json"
 FP16_KEEP_FP32 = ["LayerNormalization", "Softmax"]
 OWNER = ".owner"  # in a temporary export directory: "<host> <pid>" of the export writing it
+# Deployment targets written beside the graph: each module's ``emit(out, export, profile, parity_images)`` writes
+# its own folder and returns what export.json records under ``targets[NAME]`` (None: not for this profile).
+EMITTERS = (triton, deepstream)
 
 
 def _versions() -> dict[str, str | None]:
@@ -97,7 +100,7 @@ def export_bundle(run: str | Path, profile: str | Profile, out: str | Path) -> d
         cal_images, cal_info = quantize.calibration_images(profile.calibration, meta)
     tmp = _prepare_out(out)
     try:
-        export = _export_into(tmp, run, model, meta, profile, cal_images, cal_info, triton.model_name(out.name))
+        export = _export_into(tmp, run, model, meta, profile, cal_images, cal_info)
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
@@ -108,7 +111,7 @@ def export_bundle(run: str | Path, profile: str | Profile, out: str | Path) -> d
 
 
 def _export_into(tmp: Path, run: Path, model, meta, profile: Profile, cal_images: np.ndarray | None,
-                 cal_info: dict[str, Any] | None, triton_name: str) -> dict[str, Any]:
+                 cal_info: dict[str, Any] | None) -> dict[str, Any]:
     (tmp / "bundle").mkdir()
     for name in (WEIGHTS, META):
         shutil.copy2(run / name, tmp / "bundle" / name)
@@ -172,7 +175,7 @@ def _export_into(tmp: Path, run: Path, model, meta, profile: Profile, cal_images
     }
     if int8_info is not None:
         export["int8"] = int8_info
-    export["triton"] = triton.write_repository(tmp, triton_name, profile, export)
+    export["targets"] = {e.NAME: info for e in EMITTERS if (info := e.emit(tmp, export, profile, images)) is not None}
     (tmp / OWNER).unlink()  # finished: only the export's own files are hashed and renamed into place
     export["hashes"] = {str(p.relative_to(tmp)): sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
     atomic_write_json(tmp / EXPORT_JSON, export)

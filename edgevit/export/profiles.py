@@ -88,6 +88,31 @@ class TensorRTOptions(_Strict):
     version_max: str | None = None  # exclusive upper bound, e.g. "12"
 
 
+class DeepStreamOptions(_Strict):
+    """How ``deepstream/config_infer.txt`` runs the classifier in nvinfer.
+
+    ``primary`` classifies whole frames; ``secondary`` classifies the objects of the detector whose
+    ``gie-unique-id`` is ``operate_on_gie_id`` (optionally only its classes ``operate_on_class_ids``).
+    ``classifier_threshold`` is compared with the winning logit (the graph outputs logits).
+    """
+
+    mode: Literal["primary", "secondary"] = "primary"
+    gie_unique_id: int = Field(1, ge=1)
+    operate_on_gie_id: int | None = Field(None, ge=1)
+    operate_on_class_ids: list[int] | None = None
+    classifier_threshold: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DeepStreamOptions:
+        if self.mode == "secondary" and self.operate_on_gie_id is None:
+            raise ValueError("a secondary classifier needs operate_on_gie_id (the detector's gie-unique-id)")
+        if self.mode == "primary" and (self.operate_on_gie_id is not None or self.operate_on_class_ids):
+            raise ValueError("operate_on_gie_id / operate_on_class_ids are for mode: secondary")
+        if self.operate_on_gie_id == self.gie_unique_id:
+            raise ValueError("gie_unique_id must differ from the detector's operate_on_gie_id")
+        return self
+
+
 class Parity(_Strict):
     """How close the ONNX graph must be to torch on real images; over tolerance, the export fails."""
 
@@ -113,6 +138,7 @@ class Profile(_Strict):
     calibration: Calibration = Field(default_factory=Calibration)
     int8: Int8Options = Field(default_factory=Int8Options)
     tensorrt: TensorRTOptions = Field(default_factory=TensorRTOptions)
+    deepstream: DeepStreamOptions = Field(default_factory=DeepStreamOptions)
     parity: Parity = Field(default_factory=Parity)
 
     @model_validator(mode="after")

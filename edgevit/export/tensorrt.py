@@ -177,7 +177,6 @@ def build_engine(out_dir: str | Path) -> dict[str, Any]:
         raise EdgeVitError(f"TensorRT failed to build an engine from {onnx_path.name} (see the log above)")
     engine_bytes = bytes(serialized)
     _atomic_write(out_dir / ENGINE, engine_bytes)
-    place_engine(out_dir, out_dir / ENGINE)
     if cache_path:
         _atomic_write(cache_path, bytes(config.get_timing_cache().serialize()))
     engine = trt.Runtime(logger).deserialize_cuda_engine(engine_bytes)
@@ -191,6 +190,9 @@ def build_engine(out_dir: str | Path) -> dict[str, Any]:
             "engine_sha256": hashlib.sha256(engine_bytes).hexdigest(),
             "build_seconds": round(time.perf_counter() - started, 2),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    triton_plan = place_engine(out_dir)
+    if triton_plan is not None:
+        info["triton_model_file"] = str(triton_plan.relative_to(out_dir))
     _atomic_write(out_dir / ENGINE_JSON, (json.dumps(info, indent=2) + "\n").encode())
     return info
 

@@ -1,13 +1,15 @@
-"""A Triton Inference Server model repository inside every export directory.
+"""Triton Inference Server: a model repository ``triton/<model>/`` inside every export directory.
 
-``triton/<model>/config.pbtxt`` + ``triton/<model>/labels.txt`` + ``triton/<model>/1/model.onnx`` (ONNX
-Runtime exports: the deployed graph, hard-linked) or ``1/model.plan`` (TensorRT exports: the engine is
-built on the device, and ``edgevit build`` / ``build_engine.sh`` place it there). Point Triton at the
-``triton/`` folder (``tritonserver --model-repository=OUT/triton``).
+``config.pbtxt`` describes the deploy graph (platform, batching, tensors, labels, instances) in Triton's
+text protobuf format; ``1/model.onnx`` is the deploy ONNX for ONNX Runtime profiles, ``1/model.plan`` the
+engine for TensorRT profiles (engines are built on the device: ``edgevit build`` places it, or copy
+``engine.plan`` there after ``build_engine.sh``). The repository is written as text here, so edgevit does not
+depend on ``tritonclient``; the tests parse every config with Triton's own ``ModelConfig`` proto.
 
-The config follows Triton's model configuration (``model_config.proto``): the batch dimension is implicit
-when ``max_batch_size > 0`` (dynamic-batch exports and static batch 1), explicit with ``max_batch_size: 0``
-for a static batch above 1, which Triton cannot split.
+Batching: a graph with a dynamic batch dimension gets ``max_batch_size`` = the profile's batch max, dims
+without the batch and dynamic batching over the profile's opt and max sizes. A static-batch graph gets
+``max_batch_size: 0`` and its full shape: Triton's TensorRT and ONNX Runtime backends only batch over a
+first dimension of -1 and refuse a positive ``max_batch_size`` for a fixed-shape model.
 """
 
 from __future__ import annotations
@@ -18,75 +20,89 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from edgevit.export.profiles import Profile
+from edgevit.export.trtexec import ENGINE
 
-TRITON = "triton"
+NAME = "triton"
+REPOSITORY = "triton"
+VERSION = "1"
 LABELS = "labels.txt"
-DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "uint8": "TYPE_UINT8", "int8": "TYPE_INT8"}
+PLATFORMS = {"tensorrt": ("tensorrt_plan", "model.plan"), "onnxruntime": ("onnxruntime_onnx", "model.onnx")}
+DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "uint8": "TYPE_UINT8"}
+QUEUE_DELAY_US = 100  # how long Triton may hold a request to fill a preferred batch
 
 
-def model_name(export_dir_name: str) -> str:
-    """A Triton model name from the export directory's name (letters, digits, ``-``, ``_``, ``.``)."""
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", export_dir_name).strip(".") or "edgevit"
+def model_name(export: dict[str, Any]) -> str:
+    """``<method>-<profile>``: one repository can hold several exports side by side."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", f"{export['method']}-{export['profile']['name']}")
 
 
-def model_file(profile: Profile) -> str:
-    """The file Triton serves in the model's version folder."""
-    return "model.plan" if profile.runtime == "tensorrt" else "model.onnx"
+def _tensor(kind: str, name: str, dtype: str, dims: list[int], extra: str = "") -> str:
+    return (
+        f'{kind} [\n  {{\n    name: "{name}"\n    data_type: {DTYPES[dtype]}\n'
+        f"    dims: [ {', '.join(str(d) for d in dims)} ]\n{extra}  }}\n]\n"
+    )
 
 
-def config_pbtxt(name: str, profile: Profile, export: dict[str, Any]) -> str:
-    """The text-format ``ModelConfig`` for an export (see the module docstring for the batch rule)."""
+def config_pbtxt(export: dict[str, Any], profile: Profile) -> str:
+    """The ``config.pbtxt`` of the export described by ``export`` (export.json's contents)."""
+    platform, filename = PLATFORMS[profile.runtime]
     batch = profile.batch_spec
-    implicit = batch.dynamic or batch.max == 1
     inp, out = export["input"], export["output"]
-
-    def dims(shape: list[int]) -> str:
-        return ", ".join(str(d) for d in (shape[1:] if implicit else [batch.max, *shape[1:]]))
-
-    lines = [
-        f'name: "{name}"',
-        f'platform: "{"tensorrt_plan" if profile.runtime == "tensorrt" else "onnxruntime_onnx"}"',
-        f"max_batch_size: {batch.max if implicit else 0}",
-        f'default_model_filename: "{model_file(profile)}"',
-        f'input [{{ name: "{inp["name"]}", data_type: {DTYPES[inp["dtype"]]}, dims: [ {dims(inp["shape"])} ] }}]',
-        f'output [{{ name: "{out["name"]}", data_type: {DTYPES[out["dtype"]]}, dims: [ {dims(out["shape"])} ], '
-        f'label_filename: "{LABELS}" }}]',
-    ]
-    if implicit and batch.max > 1:
-        preferred = sorted({b for b in (batch.opt, batch.max) if b > 1})
-        lines.append(f"dynamic_batching {{ preferred_batch_size: [ {', '.join(map(str, preferred))} ], "
-                     "max_queue_delay_microseconds: 100 }")
-    lines.append(f"instance_group [{{ count: 1, kind: {'KIND_CPU' if profile.target == 'cpu' else 'KIND_GPU'} }}]")
-    return "\n".join(lines) + "\n"
+    dynamic = inp["shape"][0] == -1
+    cut = 1 if dynamic else 0
+    text = (
+        f'name: "{model_name(export)}"\nplatform: "{platform}"\ndefault_model_filename: "{filename}"\n'
+        f"max_batch_size: {batch.max if dynamic else 0}\n"
+    )
+    text += _tensor("input", inp["name"], inp["dtype"], inp["shape"][cut:])
+    text += _tensor("output", out["name"], out["dtype"], out["shape"][cut:], f'    label_filename: "{LABELS}"\n')
+    if dynamic:
+        sizes = sorted({batch.opt, batch.max})
+        text += (
+            f"dynamic_batching {{\n  preferred_batch_size: [ {', '.join(map(str, sizes))} ]\n"
+            f"  max_queue_delay_microseconds: {QUEUE_DELAY_US}\n}}\n"
+        )
+    kind = "KIND_CPU" if profile.target == "cpu" else "KIND_GPU"
+    text += f"instance_group [\n  {{\n    count: 1\n    kind: {kind}\n  }}\n]\n"
+    return text
 
 
-def write_repository(out_dir: Path, name: str, profile: Profile, export: dict[str, Any]) -> dict[str, Any]:
-    """Write ``out_dir/triton/<name>/`` for an export whose ``export.json`` content is ``export``."""
-    model_dir = out_dir / TRITON / name
-    version = model_dir / "1"
-    version.mkdir(parents=True)
-    (model_dir / "config.pbtxt").write_text(config_pbtxt(name, profile, export))
-    (model_dir / LABELS).write_text("\n".join(export["output"]["classes"]) + "\n")
-    if profile.runtime == "onnxruntime":
-        _link(out_dir / export["deploy_onnx"], version / model_file(profile))
-    return {"repository": TRITON, "model": name, "model_file": f"{TRITON}/{name}/1/{model_file(profile)}"}
-
-
-def place_engine(out_dir: Path, engine: Path) -> Path | None:
-    """Put a freshly built engine into the export's Triton repository (None when the export has none)."""
-    configs = sorted((out_dir / TRITON).glob("*/config.pbtxt"))
-    if not configs:
-        return None
-    target = configs[0].parent / "1" / "model.plan"
-    target.unlink(missing_ok=True)
-    _link(engine, target)
-    return target
-
-
-def _link(src: Path, dst: Path) -> None:
-    """A hard link (no second copy of a large graph or engine), a copy where the filesystem has none."""
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """A hard link where the file system allows it (no second copy of the weights), else a copy."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
+
+
+def emit(out: Path, export: dict[str, Any], profile: Profile, images: np.ndarray) -> dict[str, Any]:
+    """Write ``triton/<model>/`` into the export directory ``out``; returns what export.json records."""
+    del images  # the repository is fully determined by export.json
+    model_dir = out / REPOSITORY / model_name(export)
+    (model_dir / VERSION).mkdir(parents=True)
+    (model_dir / "config.pbtxt").write_text(config_pbtxt(export, profile))
+    (model_dir / LABELS).write_text("".join(f"{c}\n" for c in export["output"]["classes"]))
+    filename = PLATFORMS[profile.runtime][1]
+    if profile.runtime == "onnxruntime":
+        _link_or_copy(out / export["deploy_onnx"], model_dir / VERSION / filename)
+    return {
+        "model": model_name(export),
+        "repository": REPOSITORY,
+        "model_file": f"{VERSION}/{filename}",
+        "model_file_from": export["deploy_onnx"] if profile.runtime == "onnxruntime" else ENGINE,
+    }
+
+
+def place_engine(out_dir: Path) -> Path | None:
+    """After a build: put ``engine.plan`` into the export's Triton repository as ``1/model.plan``."""
+    configs = sorted((out_dir / REPOSITORY).glob("*/config.pbtxt"))
+    if not configs:  # an export made before edgevit wrote Triton repositories
+        return None
+    target = configs[0].parent / VERSION / PLATFORMS["tensorrt"][1]
+    target.unlink(missing_ok=True)
+    _link_or_copy(out_dir / ENGINE, target)
+    return target
