@@ -10,6 +10,6 @@ fi
 if ! .venv/bin/python -c "import edgevit, torch, timm, onnxruntime, pytest" 2>/dev/null \
    || [ pyproject.toml -nt .venv/.installed ] || [ constraints.txt -nt .venv/.installed ]; then
   .venv/bin/python -m pip install --quiet --upgrade pip
-  .venv/bin/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+  .venv/bin/python -m pip install --quiet -c constraints.txt -e ".[dev,quant]"
   touch .venv/.installed
 fi

@@ -243,7 +243,10 @@ def quantize_modelopt(src: Path, dst: Path, images: np.ndarray, opts: Int8Option
              op_types_to_quantize=opts.ops, op_types_to_exclude=opts.high_precision_ops,
              disable_mha_qdq=not opts.quantize_attention_matmuls, high_precision_dtype="fp32",
              calibration_eps=["cpu"], output_path=str(dst))
-    return {"method": "modelopt-int8", "per_channel": True}
+    graph = onnx.load(str(dst), load_external_data=False)
+    dequantized = {o for n in graph.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    quantized = [n for n in graph.graph.node if n.op_type in opts.ops and dequantized & set(n.input)]
+    return {"method": "modelopt-int8", "quantized_nodes": len(quantized), "per_channel": True}
 
 
 def quantize_graph(src: Path, dst: Path, images: np.ndarray, opts: Int8Options, method: str, runtime: str,
