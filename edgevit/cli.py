@@ -305,9 +305,10 @@ def train_skip_cmd(model_run, data, out, ratio, blocks, select, heal_epochs, lr,
     if ratio is not None or blocks is not None:
         raise click.UsageError("--sweep runs its own ratios; drop --ratio/--blocks")
     from edgevit.bench.schema import read_rows
+    from edgevit.studies.skip_sweep import sweep_skip
 
-    results = skip.sweep_skip(model_run, data, out, train_cfg, selects=[select] if select else skip.SELECTIONS,
-                              calib=calib, distill=distill, threads=threads, resume=resume)
+    results = sweep_skip(model_run, data, out, train_cfg, selects=[select] if select else skip.SELECTIONS,
+                         calib=calib, distill=distill, threads=threads, resume=resume)
     rows = read_rows(results)
     text = "\n".join(f"{r.label:28s} top-1 {r.top1:.4f}  p50 {r.latency_ms.p50:8.3f} ms  blocks "
                      f"{r.settings['blocks']}" for r in rows) + f"\nwrote {results}"

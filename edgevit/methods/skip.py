@@ -31,22 +31,16 @@ import copy
 import json
 import logging
 import random
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
-from fractions import Fraction
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.utils.data import Dataset
 
-from edgevit.bench.flops import count_flops, count_params
-from edgevit.bench.latency import TimingConfig, ort_session, rotation_inputs, time_onnx
-from edgevit.bench.schema import Latency, ResultRow, append_rows, machine_info, read_rows
 from edgevit.data import calibration_batch, data_ref, load_split
 from edgevit.errors import EdgeVitError
 from edgevit.train import TrainConfig, fit, is_main_process
@@ -60,11 +54,8 @@ log = logging.getLogger("edgevit")
 SELECTIONS = ("cosine", "cosine-pooled", "last", "random")
 # Which similarity score each score-based selection ranks by.
 SCORED = {"cosine": "all", "cosine-pooled": "pooled"}
-SWEEP_RATIOS = (0.0, 1 / 6, 1 / 3, 1 / 2)
 DEFAULT_RATIO = 1 / 3
 SELECTION_FILE = "selection.json"
-SWEEP_FILE = "sweep.jsonl"
-SWEEP_TIMING = TimingConfig(seconds=2.0)
 
 
 @dataclass
@@ -170,6 +161,15 @@ def count_to_drop(ratio: float, available: int) -> int:
     return round(ratio * available)
 
 
+def candidate_blocks(model: VisionTransformer, select: str) -> list[int]:
+    """The blocks ``select`` may remove the attention of: every block that still has it, except the final
+    block under ``last``."""
+    candidates = attention_blocks(model)
+    if select == "last":
+        candidates = [b for b in candidates if b != len(model.blocks) - 1]
+    return candidates
+
+
 def select_blocks(model: VisionTransformer, select: str, k: int, scores: Scores | None = None,
                   seed: int = 0) -> list[int]:
     """The ``k`` blocks whose attention sub-layer to remove, ascending.
@@ -182,9 +182,7 @@ def select_blocks(model: VisionTransformer, select: str, k: int, scores: Scores 
         scores: :func:`attention_similarity` of ``model`` (the cosine selections only).
         seed: ``random``'s seed.
     """
-    candidates = attention_blocks(model)
-    if select == "last":
-        candidates = [b for b in candidates if b != len(model.blocks) - 1]
+    candidates = candidate_blocks(model, select)
     if not 0 <= k <= len(candidates):
         raise EdgeVitError(f"cannot drop {k} attention sub-layers with {select!r}: only {len(candidates)} "
                            f"candidate blocks")
@@ -226,11 +224,6 @@ def skip_op(blocks: Sequence[int]) -> list[dict]:
 def skipped(model: VisionTransformer, blocks: Sequence[int]) -> VisionTransformer:
     """A deep copy of ``model`` without the attention sub-layers of ``blocks`` (``model`` is left whole)."""
     return apply_surgery(copy.deepcopy(model), skip_op(blocks))
-
-
-def ratio_label(k: int, total: int) -> str:
-    """``2 of 6`` -> ``1/3``."""
-    return str(Fraction(k, total)) if total else "0"
 
 
 @dataclass
@@ -353,128 +346,3 @@ def train_skip(
                    attention_similarity_pooled=_rounded(selection.scores["pooled"]),
                    calibration=selection.calibration)
     return out
-
-
-# --- the sweep: accuracy before/after healing and ORT latency for every (ratio, selection) ---------------
-
-
-@dataclass
-class Measurement:
-    top1: float
-    latency: Latency
-    onnx_mb: float
-    params: int
-    gflops: float
-
-
-def measure(model: VisionTransformer, test_set: Dataset, threads: int, timing: TimingConfig) -> Measurement:
-    """Export ``model`` (fp32, batch 1) to a temporary ONNX file, then top-1 on ``test_set`` and latency
-    through ONNX Runtime on the CPU with ``threads`` intra-op threads."""
-    from edgevit.export.onnx import export_onnx
-    from edgevit.export.profiles import BatchSpec
-
-    sample = test_set[0][0].unsqueeze(0)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "model.onnx"
-        export_onnx(model, path, sample, BatchSpec())
-        session = ort_session(path, threads)
-        name = session.get_inputs()[0].name
-        correct = sum(int(np.argmax(session.run(None, {name: image.unsqueeze(0).numpy()})[0]) == label)
-                      for image, label in test_set)
-        latency = time_onnx(path, rotation_inputs(tuple(sample.shape)), threads, timing)
-        onnx_mb = path.stat().st_size / 2**20
-    return Measurement(top1=correct / len(test_set), latency=latency, onnx_mb=round(onnx_mb, 3),
-                       params=count_params(model), gflops=round(count_flops(model, tuple(sample.shape)) / 1e9, 6))
-
-
-def _row(artifact: str, method: str, label: str, settings: dict, m: Measurement, threads: int) -> ResultRow:
-    return ResultRow(artifact=artifact, method=method, settings=settings, label=label, backend="ort",
-                     precision="fp32", batch=1, threads=threads, latency_ms=m.latency,
-                     throughput_ips=round(1e3 / m.latency.mean, 2), top1=round(m.top1, 5), top1_split="test",
-                     artifact_mb=m.onnx_mb, params=m.params, gflops=m.gflops, machine=machine_info(threads),
-                     source="edgevit train skip --sweep")
-
-
-def sweep_skip(
-        model_dir: str | Path,
-        data: str,
-        out: str | Path,
-        train_cfg: TrainConfig,
-        ratios: Sequence[float] = SWEEP_RATIOS,
-        selects: Sequence[str] = SELECTIONS,
-        calib: int = 64,
-        distill: float = 0.5,
-        threads: int = 2,
-        timing: TimingConfig = SWEEP_TIMING,
-        resume: bool = False,
-) -> Path:
-    """For each ratio and selection strategy: prune, measure, heal, measure; rows go to ``out/sweep.jsonl``.
-
-    The unpruned model is one ``baseline`` row; ratio 0 healed (fine-tuning alone) is a ``skip none 0
-    healed`` control; every other configuration gives a ``skip <select> <ratio>`` row before healing and a
-    ``... healed`` row after, and keeps its healed bundle in ``out/<select>-<k>of<n>/``. A resumed sweep
-    skips the configurations whose rows are already written.
-
-    Args:
-        model_dir: the bundle to prune.
-        data: its data source.
-        out: the sweep directory.
-        train_cfg: the healing fine-tune of every configuration.
-        ratios: fractions of attention sub-layers to remove (rounded to whole blocks; duplicates merged).
-        selects: the strategies to compare.
-        calib: calibration images for the cosine scores.
-        distill: the healing loss's distillation weight (see :class:`SkipConfig`).
-        threads: ONNX Runtime intra-op threads for latency.
-        timing: warm-up and iterations of each latency measurement.
-        resume: continue a killed sweep in ``out``.
-    """
-    for select in selects:
-        SkipConfig(select=select).check()
-    started = resume and (Path(out) / SWEEP_FILE).exists()
-    out = Path(out) if started else check_run_dir(out, resume)
-    results = out / SWEEP_FILE
-    done = {r.label for r in read_rows(results)} if started else set()
-    model, meta = prepare_skip(model_dir, data)
-    test_set = load_split(data, "test", meta.preprocessing, meta.classes)
-    train_set = load_split(data, "train", meta.preprocessing, meta.classes)
-    scores = attention_similarity(model, calibration_batch(train_set, min(calib, len(train_set)), train_cfg.seed))
-    total = len(attention_blocks(model))
-    counts = sorted({count_to_drop(r, total) for r in ratios})
-
-    def settings(select: str, k: int, blocks: list[int], healed: bool) -> dict:
-        return {"select": select, "ratio": round(k / total, 4), "removed": k, "of": total, "blocks": blocks,
-                "healed": healed, "heal_epochs": train_cfg.epochs if healed else 0,
-                "distill": distill if healed else None}
-
-    if 0 in counts and "baseline" not in done:
-        append_rows(results, [_row(str(model_dir), "baseline", "baseline", settings("none", 0, [], False),
-                                   measure(model, test_set, threads, timing), threads)])
-    configs = [("none", 0)] if 0 in counts and train_cfg.epochs > 0 else []
-    configs += [(select, k) for k in counts if k > 0 for select in selects]
-    for select, k in configs:
-        name = f"skip {select} {ratio_label(k, total)}"
-        if f"{name} healed" in done or (train_cfg.epochs == 0 and name in done):
-            continue
-        try:
-            blocks = [] if k == 0 else select_blocks(model, select, k, scores, train_cfg.seed)
-        except EdgeVitError as err:
-            log.warning("sweep: skipping %s: %s", name, err)
-            continue
-        rows = []
-        if k > 0:
-            rows.append(_row(str(model_dir), "skip", name, settings(select, k, blocks, False),
-                             measure(skipped(model, blocks), test_set, threads, timing), threads))
-        if train_cfg.epochs > 0:
-            run_dir = out / f"{select}-{k}of{total}"
-            # The same strategy, ratio, calibration and seed: train_skip picks the same blocks (and records
-            # its scores in the bundle) rather than being handed a bare list.
-            cfg = SkipConfig(select="cosine" if select == "none" else select, ratio=k / total, calib=calib,
-                             distill=distill)
-            train_skip(model_dir, data, run_dir, cfg, train_cfg, resume=resume and any(run_dir.glob("*")))
-            healed, healed_meta = load_bundle(run_dir)
-            blocks = healed_meta.metrics["removed_blocks"]
-            rows.append(_row(str(run_dir), "skip", f"{name} healed", settings(select, k, blocks, True),
-                             measure(healed, test_set, threads, timing), threads))
-        append_rows(results, rows)
-    return results
-
