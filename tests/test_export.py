@@ -103,6 +103,11 @@ def test_jetson_int8_is_qdq_on_matmul_with_standard_ops_and_matching_trtexec(dig
     # the quant extra) keeps the graph's output layer, the head Gemm, in high precision; ORT's placer quantizes it.
     assert q["method"] == ("modelopt-int8" if modelopt_available() else "onnxruntime-static-qdq")
     assert q["quantized_nodes"] == 4 * 4 + (0 if modelopt_available() else 1)
+    # The precision report reads the same graph: the quantized nodes run INT8, every other MatMul/Gemm/Conv (the
+    # patch embedding, the attention BMMs) in the graph's FP32 (#15: FP16 outside Q/DQ is still to come).
+    report = export["graph"]["precision"]
+    assert report["counts"] == {"INT8": q["quantized_nodes"], "FP32": 4 * 2 + 1 + (4 * 4 + 1 - q["quantized_nodes"])}
+    assert report["line"].startswith("INT8 ") and "of MatMul/Gemm/Conv FLOPs" in report["line"]
     script = (out / "build_engine.sh").read_text()
     line = next(s for s in script.splitlines() if s.strip().startswith('"$TRTEXEC"'))
     t = load_profile(str(path)).tensorrt
@@ -142,6 +147,8 @@ def test_surgery_bundles_export_with_parity(tmp_path):
     assert export["parity"]["passed"] and export["parity"]["max_abs_diff"] <= 1e-4
     assert export["graph"]["layer_norms"] == 2 * 3 - 1 + 1  # block 1 lost norm1
     check_standard_ops(onnx.load(str(tmp_path / "out" / "model.fp16.onnx")), "fp16")
+    # Every MatMul/Gemm/Conv of the strongly typed fp16 graph, surgery ops included, runs in FP16.
+    assert set(export["graph"]["precision"]["counts"]) == {"FP16"}
 
 
 def _cli_fails(args: list[str], out: Path, match: str) -> str:

@@ -22,7 +22,7 @@ import onnx
 import torch
 
 from edgevit.errors import EdgeVitError
-from edgevit.export import checks, deepstream, quantize, triton
+from edgevit.export import checks, deepstream, precision, quantize, triton
 from edgevit.export import onnx as onnx_export
 from edgevit.export.profiles import Profile, load_profile
 from edgevit.export.tensorrt import FP16_ONNX, build_plan, sha256
@@ -155,6 +155,10 @@ def _export_into(tmp: Path, run: Path, model, meta, profile: Profile, cal_images
         plans = {major: build_plan(profile, deploy, f"{major}.0") for major in (10, 11)}
         (tmp / SCRIPT).write_text(build_script(profile, plans, onnx_export.INPUT, dims))
         (tmp / SCRIPT).chmod(0o755)
+        # The strongly typed graph TensorRT builds (fp16 on TensorRT 10 builds model.onnx with --fp16 instead).
+        typed = tmp / (FP16_ONNX if profile.precision == "fp16" else deploy)
+        graph_info["precision"] = precision.precision_report(onnx.load(str(typed)))
+        log.info("%s precision: %s", profile.name, graph_info["precision"]["line"])
 
     batch_dim = -1 if batch.dynamic else batch.max
     export = {

@@ -1,0 +1,45 @@
+"""The precision report: what TensorRT will run each MatMul/Gemm/Conv in, read from the graph."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from edgevit.export.precision import precision_report
+
+
+def _graph(dtype: int, quantize_first: bool) -> onnx.ModelProto:
+    """x (1x4x8) -> MatMul(W1 8x16) -> MatMul(W2 16x2): the first optionally behind Q/DQ on both operands."""
+    np_type = np.float16 if dtype == TensorProto.FLOAT16 else np.float32
+    inits = [numpy_helper.from_array(np.ones((8, 16), np_type), "w1"),
+             numpy_helper.from_array(np.ones((16, 2), np_type), "w2"),
+             numpy_helper.from_array(np.array(0.1, np_type), "s"),
+             numpy_helper.from_array(np.array(0, np.int8), "z")]
+    nodes = []
+    a, b = "x", "w1"
+    if quantize_first:
+        for name in ("x", "w1"):
+            nodes += [helper.make_node("QuantizeLinear", [name, "s", "z"], [f"{name}_q"]),
+                      helper.make_node("DequantizeLinear", [f"{name}_q", "s", "z"], [f"{name}_dq"])]
+        a, b = "x_dq", "w1_dq"
+    nodes += [helper.make_node("MatMul", [a, b], ["h"], name="first"),
+              helper.make_node("MatMul", ["h", "w2"], ["y"], name="second")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", dtype, [1, 4, 8])],
+                              [helper.make_tensor_value_info("y", dtype, [1, 4, 2])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+
+
+def test_int8_only_where_both_operands_are_dequantized_and_flops_from_shapes():
+    report = precision_report(_graph(TensorProto.FLOAT, quantize_first=True))
+    by_name = {n["name"]: n for n in report["nodes"]}
+    assert (by_name["first"]["precision"], by_name["second"]["precision"]) == ("INT8", "FP32")
+    assert (by_name["first"]["flops"], by_name["second"]["flops"]) == (2 * 4 * 8 * 16, 2 * 4 * 16 * 2)
+    total = 2 * 4 * 8 * 16 + 2 * 4 * 16 * 2
+    assert report["flops_share"] == {"INT8": round(1024 / total, 4), "FP32": round(256 / total, 4)}
+    assert report["line"] == "INT8 80%, FP16 0%, FP32 20% of MatMul/Gemm/Conv FLOPs (1 INT8, 0 FP16, 1 FP32 nodes)"
+
+
+def test_fp16_graph_reports_fp16():
+    report = precision_report(_graph(TensorProto.FLOAT16, quantize_first=False))
+    assert report["counts"] == {"FP16": 2} and report["flops_share"] == {"FP16": 1.0}
