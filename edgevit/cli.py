@@ -38,22 +38,15 @@ def _emit(result: dict, as_json: bool, text: str) -> None:
     click.echo(json.dumps(result, indent=2) if as_json else text)
 
 
-def _ints(value: str | None) -> list[int] | None:
+def _numbers(value: str | None, kind: type = float) -> list | None:
+    """A comma-separated flag value as a list of ``kind`` (None when the flag is not given)."""
     if value is None:
         return None
     try:
-        return [int(v) for v in value.split(",") if v.strip()]
+        return [kind(v) for v in value.split(",") if v.strip()]
     except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
-
-
-def _floats(value: str | None) -> list[float] | None:
-    if value is None:
-        return None
-    try:
-        return [float(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
+        what = "integers" if kind is int else "numbers"
+        raise click.BadParameter(f"expected comma-separated {what}, got {value!r}") from None
 
 
 def classes_option(help: str):
@@ -146,16 +139,16 @@ def train() -> None:
 @click.option("--init", type=click.Path(dir_okay=False),
               help="Local checkpoint of --model to start from (.safetensors, or a torch state dict); the bundle "
                    "records --model's pretrained preprocessing.")
-@click.option("--mean", callback=lambda ctx, param, value: _floats(value),
+@click.option("--mean", callback=lambda ctx, param, value: _numbers(value),
               help="Override the recorded normalisation mean (one value or one per channel).")
-@click.option("--std", callback=lambda ctx, param, value: _floats(value), help="Override the recorded std.")
+@click.option("--std", callback=lambda ctx, param, value: _numbers(value), help="Override the recorded std.")
 @click.option("--interpolation", type=click.Choice(["bilinear", "bicubic", "nearest"]),
               help="Override the recorded resize interpolation.")
 @click.option("--crop-pct", type=float, help="Override the recorded centre-crop fraction (1: no crop).")
 @click.option("--hflip", is_flag=True, help="Augment image folders with horizontal flips (off: parts may be "
                                             "orientation-sensitive).")
 @click.option("--vflip", is_flag=True, help="Augment image folders with vertical flips.")
-@click.option("--scale", default="0.5,1.0", show_default=True, callback=lambda ctx, param, value: _floats(value),
+@click.option("--scale", default="0.5,1.0", show_default=True, callback=lambda ctx, param, value: _numbers(value),
               help="RandomResizedCrop area range for image folders (min,max).")
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0),
               help="DataLoader processes decoding and augmenting image files.")
@@ -297,8 +290,8 @@ def train_skip_cmd(model_run, data, out, ratio, blocks, select, heal_epochs, lr,
     train_cfg = _train_config("skip", heal_epochs, lr, batch_size, seed, data,
                              warmup_epochs=min(0.5, heal_epochs))
     if not sweep:
-        cfg = skip.SkipConfig(select=select or "cosine-pooled", ratio=_ratio(ratio), blocks=_ints(blocks), calib=calib,
-                              distill=distill)
+        cfg = skip.SkipConfig(select=select or "cosine-pooled", ratio=_ratio(ratio), blocks=_numbers(blocks, int),
+                              calib=calib, distill=distill)
         skip.train_skip(model_run, data, out, cfg, train_cfg, resume=resume)
         _report_bundle(out, as_json)
         return
@@ -398,7 +391,7 @@ def train_continual_cmd(model_run, data, out, tasks, protocol, ranks, components
     from edgevit.train import is_main_process
     from edgevit.vit import read_meta
 
-    cfg = ContinualConfig(protocol=protocol, tasks=tasks, ranks=tuple(_ints(ranks)), components=components,
+    cfg = ContinualConfig(protocol=protocol, tasks=tasks, ranks=tuple(_numbers(ranks, int)), components=components,
                           group_size=group_size, ortho_weight=ortho_weight, form=form)
     run(model_run, data, out, cfg, _train_config("continual", epochs, lr, batch_size, seed, data),
         classes=classes, resume=resume)
@@ -621,7 +614,7 @@ def profile_cmd(artifacts, backend, batches, threads, warmup, iterations, second
     from edgevit.bench.profile import ProfileConfig, profile_artifacts
     from edgevit.bench.schema import append_rows
 
-    cfg = ProfileConfig(backend=backend, batches=_ints(batches), threads=threads, device=device,
+    cfg = ProfileConfig(backend=backend, batches=_numbers(batches, int), threads=threads, device=device,
                         timing=TimingConfig(warmup=warmup, iterations=iterations, seconds=seconds),
                         accuracy=not no_accuracy)
     rows = profile_artifacts(artifacts, cfg, labels=list(labels) or None)

@@ -48,6 +48,21 @@ def _flops(node: onnx.NodeProto, typed: dict[str, tuple[int, list[int]]]) -> int
     return 2 * prod(out) * a[-1]
 
 
+def _is_int8(node: onnx.NodeProto, dequantized: set[str]) -> bool:
+    """Both operands are ``DequantizeLinear`` outputs (a Gemm/Conv bias does not decide the kernel)."""
+    return node.op_type in COMPUTE_OPS and all(i in dequantized for i in node.input[:2])
+
+
+def _dequantized(graph: onnx.GraphProto) -> set[str]:
+    return {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+
+
+def int8_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """The MatMul/Gemm/Conv nodes TensorRT runs in INT8."""
+    dequantized = _dequantized(graph)
+    return [n for n in graph.node if _is_int8(n, dequantized)]
+
+
 def precision_report(model: onnx.ModelProto) -> dict[str, Any]:
     """Per MatMul/Gemm/Conv the precision TensorRT will run it in, and the share of FLOPs by precision.
 
@@ -57,16 +72,13 @@ def precision_report(model: onnx.ModelProto) -> dict[str, Any]:
     inferred = onnx.shape_inference.infer_shapes(model)
     graph = inferred.graph
     typed = _types_and_shapes(graph)
-    dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    dequantized = _dequantized(graph)
     nodes = []
     for node in graph.node:
         if node.op_type not in COMPUTE_OPS:
             continue
-        operands = node.input[:2]  # a Gemm/Conv bias does not decide the kernel
-        if all(name in dequantized for name in operands):
-            precision = "INT8"
-        else:
-            precision = NAMES.get(typed.get(node.input[0], (0, []))[0], "unknown")
+        dtype = typed.get(node.input[0], (0, []))[0]
+        precision = "INT8" if _is_int8(node, dequantized) else NAMES.get(dtype, "unknown")
         nodes.append({"name": node.name, "op": node.op_type, "precision": precision,
                       "flops": _flops(node, typed)})
     total = sum(n["flops"] for n in nodes) or 1

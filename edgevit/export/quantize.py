@@ -35,6 +35,7 @@ from edgevit.data import DIGITS, balanced_indices, load_ref, load_split
 from edgevit.data.datasets import IMAGE_SUFFIXES, ImageFiles
 from edgevit.errors import EdgeVitError
 from edgevit.export.checks import run_onnx
+from edgevit.export.precision import int8_nodes
 from edgevit.export.profiles import Calibration, Int8Options, find_yaml, read_yaml
 from edgevit.vit.bundle import BundleMeta
 
@@ -243,9 +244,7 @@ def quantize_modelopt(src: Path, dst: Path, images: np.ndarray, opts: Int8Option
              op_types_to_quantize=opts.ops, op_types_to_exclude=opts.high_precision_ops,
              disable_mha_qdq=not opts.quantize_attention_matmuls, high_precision_dtype="fp32",
              calibration_eps=["cpu"], output_path=str(dst))
-    graph = onnx.load(str(dst), load_external_data=False)
-    dequantized = {o for n in graph.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
-    quantized = [n for n in graph.graph.node if n.op_type in opts.ops and dequantized & set(n.input)]
+    quantized = int8_nodes(onnx.load(str(dst), load_external_data=False).graph)
     return {"method": "modelopt-int8", "quantized_nodes": len(quantized), "per_channel": True}
 
 
