@@ -22,7 +22,7 @@ import onnx
 import torch
 
 from edgevit.errors import EdgeVitError
-from edgevit.export import checks, deepstream, precision, quantize, triton
+from edgevit.export import checks, deepstream, ort_graph, precision, quantize, triton
 from edgevit.export import onnx as onnx_export
 from edgevit.export.profiles import Profile, load_profile
 from edgevit.export.tensorrt import FP16_ONNX, build_plan, sha256
@@ -136,6 +136,8 @@ def _export_into(tmp: Path, run: Path, model, meta, profile: Profile, cal_images
         fused = onnx_export.transformer_fusions(tmp / FP32_ONNX, tmp / "fused.onnx", _heads(model), model.embed_dim)
         os.replace(tmp / "fused.onnx", tmp / FP32_ONNX)
         graph_info["transformer_fusions"] = fused
+    elif profile.ort_fusions == "session":  # ORT targets: fused com.microsoft kernels ORT does not build itself
+        graph_info["ort_rewrites"] = ort_graph.rewrite(tmp / FP32_ONNX, tmp / FP32_ONNX)
 
     result = checks.parity(model, tmp / FP32_ONNX, images, tol, batch.opt if batch.dynamic else batch.max)
     if not result["passed"]:
