@@ -7,6 +7,8 @@ rewrites) and per-channel int8 weights unless named otherwise:
 - ``dynamic+attn``: the same plus ``Attention`` -> ``QAttention`` (int8 qkv weights).
 - ``dynamic-tensor``: ``dynamic+attn`` with per-tensor weight scales.
 - ``static-u8s8`` / ``static-s8s8``: calibrated Q/DQ on MatMul/Gemm (uint8 or int8 activations, minmax).
+- ``static-u8s8-fout``: ``static-u8s8`` with fp32 MatMul outputs (no requantization).
+- ``nbits8-b32`` / ``nbits8-b128`` / ``nbits4-b32``: ORT ``MatMulNBits`` block-wise weights, int8 compute.
 - ``base-dynamic``: dynamic MatMul/Gemm of the graph without the rewrites (edgevit before #19).
 
 Latency: ``--model`` (random weights, 224 px) at ``--batch``, ``--threads`` threads, interleaved rounds in one
@@ -44,8 +46,9 @@ def fp32_graphs(model: torch.nn.Module, sample: np.ndarray, work: Path) -> dict[
     return {"base": work / "base.onnx", "fp32": work / "fp32.onnx"}
 
 
-def static_qdq(src: Path, dst: Path, calib: np.ndarray, activation: str) -> None:
-    """ORT static Q/DQ of MatMul/Gemm weights (per channel, symmetric) and activations (minmax)."""
+def static_qdq(src: Path, dst: Path, calib: np.ndarray, activation: str, float_outputs: bool = False) -> None:
+    """ORT static Q/DQ of MatMul/Gemm weights (per channel, symmetric) and activations (minmax); with
+    ``float_outputs`` the MatMul outputs stay fp32 (ORT runs MatMulIntegerToFloat)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     named = dst.with_suffix(".named.onnx")
@@ -69,6 +72,20 @@ def static_qdq(src: Path, dst: Path, calib: np.ndarray, activation: str) -> None
         leftover.unlink(missing_ok=True)
 
 
+def nbits(src: Path, dst: Path, bits: int, block: int) -> None:
+    """ORT's ``MatMulNBits`` (block-wise symmetric int weights, accuracy level 4: int8 activations, VNNI/AMX)."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    cfg = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, accuracy_level=4, bits=bits)
+    with quantize._quiet():
+        quantizer = MatMulNBitsQuantizer(
+            onnx.load(str(src)), bits=bits, block_size=block, is_symmetric=True, accuracy_level=4, algo_config=cfg
+        )
+        quantizer.process()
+    quantizer.model.save_model_to_file(str(dst), False)
+
+
 def int8_graphs(fp32: dict[str, Path], calib: np.ndarray, work: Path) -> dict[str, Path]:
     paths = {"fp32": fp32["fp32"]}
     recipes = {
@@ -83,6 +100,11 @@ def int8_graphs(fp32: dict[str, Path], calib: np.ndarray, work: Path) -> dict[st
     for activation in ("u8", "s8"):
         paths[f"static-{activation}s8"] = work / f"static-{activation}.onnx"
         static_qdq(fp32["fp32"], paths[f"static-{activation}s8"], calib, activation)
+    paths["static-u8s8-fout"] = work / "static-u8-fout.onnx"
+    static_qdq(fp32["fp32"], paths["static-u8s8-fout"], calib, "u8", float_outputs=True)
+    for bits, block in ((8, 32), (8, 128), (4, 32)):
+        paths[f"nbits{bits}-b{block}"] = work / f"nbits{bits}-{block}.onnx"
+        nbits(fp32["fp32"], paths[f"nbits{bits}-b{block}"], bits, block)
     return paths
 
 

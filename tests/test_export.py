@@ -78,6 +78,9 @@ def test_cpu_int8_is_within_one_point_of_fp32_on_test_split(digits_bundle, tmp_p
     export = export_bundle(digits_bundle, "cpu-ort-int8", tmp_path / "int8")
     q = export["int8"]
     assert export["deploy_onnx"] == "model.int8.onnx" and q["method"] == "onnxruntime-dynamic"
+    # every linear layer has int8 weights: qkv inside ORT's fused attention (QAttention), proj, fc1, fc2, head
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "int8" / "model.int8.onnx")).graph.node]
+    assert ops.count("QAttention") == 4 and "Attention" not in ops and q["quantized_nodes"] == 4 * 4 + 1
     assert abs(q["delta"] - (q["int8_val_top1"] - q["fp32_val_top1"])) < 1e-12 and q["delta"] >= -0.01
     images, labels = split_arrays(read_meta(digits_bundle), "test")
     fp32 = onnx_top1(fp32_export[0] / "model.onnx", images, labels, 64)
