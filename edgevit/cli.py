@@ -666,7 +666,7 @@ def profile_device_cmd(times, tegrastats, artifact, batch, metric, machine, labe
 @click.option("--baseline-label", help="Reference row label in each setting (default: the baseline method).")
 @json_option
 def report_cmd(results, out, baseline_label, as_json):
-    """Write report.md, pareto.png and report.json from a results.jsonl.
+    """Write report.md, pareto.png, throughput.png (several --batch sizes) and report.json from a results.jsonl.
 
     \b
     Example:
@@ -677,6 +677,7 @@ def report_cmd(results, out, baseline_label, as_json):
     report = build_report(results, out, baseline_label)
     n = sum(len(s["rows"]) for s in report["settings"])
     _emit(report, as_json, f"wrote {out}/report.md, report.json" + (", pareto.png" if report["pareto_png"] else "")
+          + (", throughput.png" if report["throughput_png"] else "")
           + f" ({n} rows in {len(report['settings'])} settings)")
 
 

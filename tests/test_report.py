@@ -70,6 +70,22 @@ def test_report_tables_plot_and_json(results, tmp_path):
         assert png.size[0] >= 1600 and png.size[1] >= 700  # two panels, slide resolution
 
 
+def test_throughput_vs_batch_plot_and_table(tmp_path):
+    rows = [_row("base", "baseline", 0.97, 4.0 / b**0.5, batch=b) for b in (1, 2, 4, 8, 16, 32)]
+    rows += [_row("skip 1/3", "skip", 0.96, 3.0 / b**0.5, batch=b) for b in (1, 8)]
+    rows.append(_row("once", "memory", 0.95, 3.5))  # one batch size: no curve
+    append_rows(tmp_path / "results.jsonl", rows)
+    report = build_report(tmp_path / "results.jsonl", tmp_path / "report")
+    curves = {c["label"]: c["images_per_s"] for c in report["throughput_vs_batch"]}
+    assert report["throughput_png"] and set(curves) == {"base", "skip 1/3"}
+    assert list(curves["base"]) == [1, 2, 4, 8, 16, 32] and curves["base"][32] > curves["base"][1]
+    assert curves["skip 1/3"][8] == pytest.approx(rows[7].throughput_ips)
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "## Throughput vs batch (images/s)" in md and "| batch 1 | batch 2 | batch 4 | batch 8 |" in md
+    with Image.open(tmp_path / "report" / "throughput.png") as png:
+        assert png.size[0] >= 900
+
+
 def test_report_baseline_label(results, tmp_path):
     report = build_report(results, tmp_path / "r", baseline_label="skip 1/3")
     rows = {r["label"]: r for r in report["settings"][0]["rows"]}

@@ -1,4 +1,5 @@
-"""``edgevit report``: results.jsonl -> report.md (tables), pareto.png (latency vs accuracy), report.json.
+"""``edgevit report``: results.jsonl -> report.md (tables), pareto.png (latency vs accuracy), throughput.png
+(images/s vs batch, when ``edgevit profile --batch 1,2,4,...`` measured several batches), report.json.
 
 Rows are compared only within a *setting*: the same machine, backend, precision and batch. In each
 setting the baseline (``--baseline-label``, else the row whose method is ``baseline``) gives every other
@@ -273,6 +274,68 @@ def _draw_panel(ax, setting: Setting, entries: list[Entry], name_machine: bool, 
     ax.tick_params(labelsize=10)
 
 
+def throughput_curves(rows: Sequence[ResultRow]) -> dict[tuple[str, str], dict[int, float]]:
+    """``{(setting title without batch, label): {batch: images/s}}`` for every artifact profiled at two or more
+    batch sizes in one setting (machine, backend, precision, threads, task)."""
+    curves: dict[tuple[str, str], dict[int, float]] = {}
+    for row in rows:
+        lat = row.latency_ms
+        ips = row.throughput_ips or (1e3 * row.batch / lat.p50 if lat and lat.p50 else None)
+        if ips is None:
+            continue
+        threads = f", {row.threads} threads" if row.threads else ""
+        title = f"{machine_name(row)}: {row.backend} {row.precision}{threads}" + (f" - {row.task}" if row.task else "")
+        curves.setdefault((title, row_label(row)), {})[row.batch] = ips
+    return {key: dict(sorted(c.items())) for key, c in curves.items() if len(c) >= 2}
+
+
+def throughput_markdown(curves: dict[tuple[str, str], dict[int, float]]) -> list[str]:
+    """One table row per artifact profiled at several batch sizes: images/s at each batch (throughput.png)."""
+    if not curves:
+        return []
+    batches = sorted({b for c in curves.values() for b in c})
+    lines = ["## Throughput vs batch (images/s)", "", "![throughput vs batch](throughput.png)", "",
+             "| setting | label | " + " | ".join(f"batch {b}" for b in batches) + " |",
+             "|---|---|" + "---:|" * len(batches)]
+    for (title, label), curve in curves.items():
+        lines.append(f"| {title} | {label} | " + " | ".join(_fmt(curve.get(b), ".1f") for b in batches) + " |")
+    return [*lines, ""]
+
+
+def throughput_png(curves: dict[tuple[str, str], dict[int, float]], path: Path) -> bool:
+    """Images/s (y) vs batch (x, log 2), one panel per setting, one line per artifact. Returns ``False`` (and
+    writes nothing) when no artifact was profiled at two or more batch sizes."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not curves:
+        return False
+    titles = list(dict.fromkeys(title for title, _ in curves))
+    fig, axes = plt.subplots(1, len(titles), figsize=(6.4 * len(titles), 4.8), squeeze=False)
+    for ax, title in zip(axes.flat, titles, strict=True):
+        for (t, label), curve in curves.items():
+            if t == title:
+                ax.plot(list(curve), list(curve.values()), marker="o", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted({b for (t, _), c in curves.items() if t == title for b in c}))
+        ax.get_xaxis().set_major_formatter(plt.ScalarFormatter())
+        ax.set_xlabel("batch", fontsize=12)
+        ax.set_ylabel("throughput (images/s)", fontsize=12)
+        ax.set_title(title, fontsize=11)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=9)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=160)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+    return True
+
+
 def build_report(results: str | Path, out_dir: str | Path, baseline_label: str | None = None) -> dict:
     """Write report.md, pareto.png and report.json for ``results`` into ``out_dir``; returns report.json's
     content.
@@ -301,10 +364,15 @@ def build_report(results: str | Path, out_dir: str | Path, baseline_label: str |
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     per_class = class_metrics(rows)
-    text = "\n".join([markdown(tables, str(results)), *class_markdown(per_class)])
+    text = "\n".join([markdown(tables, str(results)), *throughput_markdown(throughput_curves(rows)),
+                      *class_markdown(per_class)])
     atomic_write_bytes(out / "report.md", text.encode())
     plotted = pareto_png(tables, out / "pareto.png")
+    curves = throughput_curves(rows)
     report = {"source": str(results), "baseline_label": baseline_label, "pareto_png": plotted,
+              "throughput_png": throughput_png(curves, out / "throughput.png"),
+              "throughput_vs_batch": [{"setting": t, "label": label, "images_per_s": c}
+                                      for (t, label), c in curves.items()],
               "settings": [{**asdict(s), "rows": [asdict(e) for e in es]} for s, es in tables.items()],
               "per_class": per_class}
     atomic_write_json(out / "report.json", report)
