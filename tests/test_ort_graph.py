@@ -42,6 +42,7 @@ def ops(path: Path) -> list[str]:
     [
         (("attention",), {"attention": 3}),
         (("skip_layernorm",), {"skip_layernorm": 6}),
+        (("multihead_attention",), {"multihead_attention": 3}),
         (("attention", "skip_layernorm"), {"attention": 3, "skip_layernorm": 6}),
     ],
 )
@@ -52,6 +53,8 @@ def test_rewrites_match_every_block_and_keep_the_logits(tmp_path, rewrites, coun
     fused = ops(dst)
     if "attention" in rewrites:
         assert fused.count("Attention") == 3 and "Softmax" not in fused and "Split" not in fused
+    if "multihead_attention" in rewrites:
+        assert fused.count("MultiHeadAttention") == 3 and "Softmax" not in fused
     if "skip_layernorm" in rewrites:  # the first norm reads the embeddings (no residual), the others fuse
         assert fused.count("SkipLayerNormalization") == 6 and fused.count("LayerNormalization") == 1
     x = np.random.default_rng(0).standard_normal((5, 3, 32, 32), dtype=np.float32)
