@@ -9,7 +9,6 @@ kernels directly from the standard graph:
   merge become one ``com.microsoft::Attention`` (packed QKV weight and bias, ``num_heads``, ``scale``).
 - ``skip_layernorm``: ``LayerNormalization(residual + (x @ W + b))`` becomes one
   ``com.microsoft::SkipLayerNormalization`` that also adds the Linear's bias and outputs the residual sum.
-
 - ``multihead_attention`` (alternative to ``attention``): the qkv MatMul stays, its bias and the rest go into
   ``com.microsoft::MultiHeadAttention``.
 
@@ -37,7 +36,8 @@ MS_DOMAIN = "com.microsoft"
 
 
 class _Graph:
-    """Look-ups over a graph (producers, consumers, constants) and node replacement with dead-code removal."""
+    """Look-ups over a graph (producers, consumers, constants) and node replacement; :meth:`finish` writes the
+    nodes back in topological order and drops initializers nothing reads any more."""
 
     def __init__(self, model: onnx.ModelProto) -> None:
         self.model = model
