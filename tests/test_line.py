@@ -182,11 +182,11 @@ def test_every_shipped_tensorrt_profile_writes_an_nvinfer_classifier_config_with
 def test_nvinfer_scale_and_offsets_reproduce_the_models_normalisation():
     """nvinfer computes net-scale-factor * (x - offsets[c]) on 0..255 pixels; that must be (x/255 - mean) / std."""
     x = np.arange(256, dtype=np.float64)
-    scale, offsets, exact = deepstream.scale_and_offsets([0.5, 0.25, 0.1], [0.3, 0.3, 0.3])
+    scale, offsets, exact = deepstream.scale_and_offsets({"mean": [0.5, 0.25, 0.1], "std": [0.3, 0.3, 0.3]})
     assert exact
     for c, mean in enumerate([0.5, 0.25, 0.1]):
         np.testing.assert_allclose(scale * (x - offsets[c]), (x / 255 - mean) / 0.3, rtol=1e-12, atol=1e-12)
-    scale, _, exact = deepstream.scale_and_offsets(IMAGENET["mean"], IMAGENET["std"])
+    scale, _, exact = deepstream.scale_and_offsets(IMAGENET)
     assert not exact and scale == pytest.approx(1 / (255 * (0.229 + 0.224) / 2))
 
 

@@ -22,9 +22,9 @@ import onnx
 import torch
 
 from edgevit.errors import EdgeVitError
-from edgevit.export import checks, deepstream, precision, quantize, triton
+from edgevit.export import checks, deepstream, precision, preprocess, quantize, triton
 from edgevit.export import onnx as onnx_export
-from edgevit.export.profiles import Profile, load_profile
+from edgevit.export.profiles import InputSpec, Profile, load_profile
 from edgevit.export.tensorrt import FP16_ONNX, build_plan, sha256
 from edgevit.export.trtexec import SCRIPT, build_script
 from edgevit.vit.bundle import META, WEIGHTS, atomic_write_json, load_bundle
@@ -121,15 +121,25 @@ def _export_into(tmp: Path, run: Path, model, meta, profile: Profile, cal_images
     if len(images) < tol.images:
         log.warning("the %s split has only %d images; parity runs on those", tol.split, len(images))
     pre = meta.preprocessing
-    dims = [pre.channels, pre.size, pre.size]
+    # What the graph takes (the profile's ``input``); every image handed to the graph goes through graph_pixels.
+    graph_pre = {**pre.model_dump(mode="json"), **profile.input.model_dump(mode="json")}
+    dims = preprocess.input_dims(pre.channels, pre.size, profile.input)
 
     raw = tmp / "raw.onnx"
     onnx_export.export_onnx(model, raw, torch.from_numpy(images[:1]), batch, profile.opset, profile.exporter)
     slim = onnx_export.simplify(raw, tmp / FP32_ONNX)
     raw.unlink()
+    reference, adapted = model, None
+    if profile.input != InputSpec():  # parity compares the adapted graph with torch normalising the same pixels
+        adapted = preprocess.adapt_input(tmp / FP32_ONNX, onnx_export.INPUT, pre.mean, pre.std, profile.input)
+        reference = preprocess.NormalizedInput(model, pre.mean, pre.std, profile.input)
+        images = preprocess.graph_pixels(images, graph_pre)
+        cal_images = None if cal_images is None else preprocess.graph_pixels(cal_images, graph_pre)
     graph = onnx.load(str(tmp / FP32_ONNX))
     layer_norms = checks.check_layernorm(graph, model, FP32_ONNX)
     graph_info: dict[str, Any] = {**slim, "layer_norms": layer_norms, "opset": checks.opset_of(graph)}
+    if adapted is not None:
+        graph_info["input"] = adapted
     if profile.runtime == "tensorrt":
         checks.check_standard_ops(graph, FP32_ONNX)
     elif profile.ort_fusions == "transformers":
@@ -137,14 +147,14 @@ def _export_into(tmp: Path, run: Path, model, meta, profile: Profile, cal_images
         os.replace(tmp / "fused.onnx", tmp / FP32_ONNX)
         graph_info["transformer_fusions"] = fused
 
-    result = checks.parity(model, tmp / FP32_ONNX, images, tol, batch.opt if batch.dynamic else batch.max)
+    result = checks.parity(reference, tmp / FP32_ONNX, images, tol, batch.opt if batch.dynamic else batch.max)
     if not result["passed"]:
         raise EdgeVitError(checks.parity_error(result))
 
     deploy = FP32_ONNX
     int8_info = None
     if profile.precision == "int8":
-        int8_info = _quantize(tmp, meta, profile, cal_images, cal_info)
+        int8_info = _quantize(tmp, meta, profile, cal_images, cal_info, graph_pre)
         deploy = INT8_ONNX
     if profile.runtime == "tensorrt" and profile.precision == "fp16":
         onnx_export.to_fp16(tmp / FP32_ONNX, tmp / FP16_ONNX, FP16_KEEP_FP32)
@@ -165,8 +175,8 @@ def _export_into(tmp: Path, run: Path, model, meta, profile: Profile, cal_images
         "schema_version": SCHEMA_VERSION,
         "profile": profile.model_dump(mode="json"),
         "deploy_onnx": deploy,
-        "input": {"name": onnx_export.INPUT, "shape": [batch_dim, *dims], "dtype": "float32",
-                  "preprocessing": pre.model_dump(mode="json")},
+        "input": {"name": onnx_export.INPUT, "shape": [batch_dim, *dims],
+                  "dtype": preprocess.input_dtype(profile.input), "preprocessing": graph_pre},
         "output": {"name": onnx_export.OUTPUT, "shape": [batch_dim, len(meta.classes)], "dtype": "float32",
                    "classes": meta.classes},
         "parity": result,
@@ -191,7 +201,7 @@ def _heads(model) -> int:
 
 
 def _quantize(tmp: Path, meta, profile: Profile, cal_images: np.ndarray | None,
-              cal_info: dict[str, Any] | None) -> dict[str, Any]:
+              cal_info: dict[str, Any] | None, graph_pre: dict[str, Any]) -> dict[str, Any]:
     """Write model.int8.onnx, check it fits the runtime, and compare its val top-1 with fp32."""
     opts = profile.int8
     batch = profile.batch_spec
@@ -204,6 +214,7 @@ def _quantize(tmp: Path, meta, profile: Profile, cal_images: np.ndarray | None,
         checks.check_standard_ops(int8_graph, INT8_ONNX)
         info["qdq"] = checks.check_qdq_placement(int8_graph, opts.ops, INT8_ONNX)
     images, labels = quantize.split_arrays(meta, "val")
+    images = preprocess.graph_pixels(images, graph_pre)
     eval_batch = 64 if batch.dynamic else run_batch
     fp32 = quantize.onnx_top1(tmp / FP32_ONNX, images, labels, eval_batch)
     int8 = quantize.onnx_top1(tmp / INT8_ONNX, images, labels, eval_batch)

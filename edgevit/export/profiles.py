@@ -113,6 +113,35 @@ class DeepStreamOptions(_Strict):
         return self
 
 
+class InputSpec(_Strict):
+    """What the deploy graph's input tensor holds.
+
+    ``normalize: outside`` (the default, today's graph) takes the normalised float NCHW tensor
+    ``(x / 255 - mean) / std``; the caller normalises. ``in_graph`` takes raw pixels (``pixels`` uint8 or float, in
+    ``range`` ``byte`` [0, 255] or ``unit`` [0, 1]) and the mean/std are folded into the patch-embedding
+    convolution (``edgevit.export.preprocess``): no extra op, one Cast for uint8, one Transpose for NHWC.
+    """
+
+    pixels: Literal["float", "uint8"] = "float"
+    range: Literal["unit", "byte"] = "unit"
+    layout: Literal["NCHW", "NHWC"] = "NCHW"
+    normalize: Literal["in_graph", "outside"] = "outside"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> InputSpec:
+        if self.normalize == "outside" and (self.pixels, self.range) != ("float", "unit"):
+            raise ValueError("pixels/range describe raw pixels: they need normalize: in_graph "
+                             "(with normalize: outside the graph takes the normalised float tensor)")
+        if self.pixels == "uint8" and self.range != "byte":
+            raise ValueError("uint8 pixels are in range: byte")
+        return self
+
+    @property
+    def raw(self) -> bool:
+        """The graph takes raw pixels (normalisation folded into it)."""
+        return self.normalize == "in_graph"
+
+
 class Parity(_Strict):
     """How close the ONNX graph must be to torch on real images; over tolerance, the export fails."""
 
@@ -139,6 +168,7 @@ class Profile(_Strict):
     int8: Int8Options = Field(default_factory=Int8Options)
     tensorrt: TensorRTOptions = Field(default_factory=TensorRTOptions)
     deepstream: DeepStreamOptions = Field(default_factory=DeepStreamOptions)
+    input: InputSpec = Field(default_factory=InputSpec)
     parity: Parity = Field(default_factory=Parity)
 
     @model_validator(mode="after")
