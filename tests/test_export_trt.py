@@ -190,3 +190,33 @@ def test_build_engine_flow_on_tensorrt_10_and_11(fp16_export, monkeypatch, versi
     assert json.loads((out / "engine_inspector.json").read_text()) == {"Layers": []}
     here = {"trt_version": version, "gpu_name": "Fake GPU", "compute_capability": "8.9"}
     assert check_engine_compatible(out / ENGINE_JSON, here)["onnx"] == onnx_name
+
+
+def test_engine_plan_is_the_serialized_engine_only(fp16_export, monkeypatch):
+    """No header, no footer: engine.plan is byte for byte what the builder serialized, which is what trtexec
+    --loadEngine, DeepStream's model-engine-file and Triton's model.plan deserialize directly."""
+    import hashlib
+    import os
+    import sys
+    from types import SimpleNamespace as NS
+
+    from edgevit.export import tensorrt as trt_export
+
+    serialized = bytearray(os.urandom(4096))  # IHostMemory exposes the buffer protocol; bytes() copies it
+    deserialized: list[bytes] = []
+
+    def deserialize(data: bytes):
+        deserialized.append(bytes(data))
+        return NS(create_engine_inspector=lambda: NS(get_engine_information=lambda fmt: "{}"))
+
+    fake = _Recorder("10.3.0")
+    fake.Builder.build_serialized_network = lambda self, network, config: serialized
+    fake.Runtime = lambda logger: NS(deserialize_cuda_engine=deserialize)
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    monkeypatch.setattr(trt_export, "gpu_info", lambda: {"gpu_name": "Fake GPU", "compute_capability": "8.9"})
+    info = trt_export.build_engine(fp16_export)
+    plan = (fp16_export / "engine.plan").read_bytes()
+    assert plan == bytes(serialized) and deserialized == [plan]
+    assert info["engine_sha256"] == hashlib.sha256(bytes(serialized)).hexdigest()
+    assert (fp16_export / info["triton_model_file"]).read_bytes() == plan
+    assert "--saveEngine=engine.plan" in (fp16_export / "build_engine.sh").read_text()  # trtexec writes raw plans

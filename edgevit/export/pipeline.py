@@ -22,7 +22,7 @@ import onnx
 import torch
 
 from edgevit.errors import EdgeVitError
-from edgevit.export import checks, deepstream, precision, preprocess, quantize, triton
+from edgevit.export import checks, deepstream, devicekit, precision, preprocess, quantize, triton
 from edgevit.export import onnx as onnx_export
 from edgevit.export.profiles import InputSpec, Profile, load_profile
 from edgevit.export.tensorrt import FP16_ONNX, build_plan, sha256
@@ -37,7 +37,7 @@ FP16_KEEP_FP32 = ["LayerNormalization", "Softmax"]
 OWNER = ".owner"  # in a temporary export directory: "<host> <pid>" of the export writing it
 # Deployment targets written beside the graph: each module's ``emit(out, export, profile, parity_images)`` writes
 # its own folder and returns what export.json records under ``targets[NAME]`` (None: not for this profile).
-EMITTERS = (triton, deepstream)
+EMITTERS = (triton, deepstream, devicekit)
 
 
 def _versions() -> dict[str, str | None]:
