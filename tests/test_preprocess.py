@@ -4,6 +4,7 @@ images, and every consumer of such an export (Triton, DeepStream, Predictor, the
 from __future__ import annotations
 
 import configparser
+import json
 import shutil
 import sys
 from collections import Counter
@@ -13,9 +14,11 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from click.testing import CliRunner
 from PIL import Image
 
 from edgevit import Predictor
+from edgevit.cli import main
 from edgevit.errors import EdgeVitError
 from edgevit.export import deepstream, export_bundle, preprocess
 from edgevit.export import onnx as onnx_export
@@ -150,6 +153,17 @@ def test_predictor_and_the_device_runner_feed_raw_pixels(uint8_export, digits_bu
         sys.path.remove(str(REPO / "jetson"))
     on_device = device_preprocess(tmp_path / "digit.png", pre)
     assert on_device.dtype == np.uint8 and np.array_equal(on_device, pixels)
+
+
+def test_profile_measures_a_uint8_export_and_predictor_gives_its_top1(uint8_export, digits_bundle, tmp_path):
+    out, _ = uint8_export
+    results = tmp_path / "results.jsonl"
+    args = ["profile", str(out), "--backend", "ort", "--batch", "1", "--iterations", "2", "--warmup", "0", "-o"]
+    run = CliRunner().invoke(main, [*args, str(results)])
+    assert run.exit_code == 0, run.output
+    (row,) = [json.loads(line) for line in results.read_text().splitlines()]
+    images, labels = split_arrays(read_meta(digits_bundle), "test")
+    assert row["top1"] == pytest.approx(np.mean(Predictor(out).logits(images).argmax(1) == labels), abs=1e-5)
 
 
 def test_deepstream_is_exact_with_in_graph_normalisation(digits_bundle, tmp_path):

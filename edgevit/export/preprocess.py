@@ -4,11 +4,14 @@ The model wants ``(x / R - mean[c]) / std[c]`` for raw pixels ``x`` in [0, R] (R
 ``unit``). Its first op is the patch embedding, a Conv ``y = W * z + b`` with stride = kernel and no padding, so
 every output sees only real pixels and the normalisation folds into it exactly:
 ``W'[d, c] = W[d, c] / (std[c] R)`` and ``b'[d] = b[d] - sum_{c,i,j} W[d, c, i, j] mean[c] / std[c]``. The graph
-gains no op for the normalisation; uint8 input adds one Cast to float, NHWC one Transpose.
+gains no op for the normalisation; uint8 input adds one Cast to float, NHWC one Transpose (also with
+``normalize: outside``, where only the layout changes). The parity check then feeds the adapted graph raw pixels
+and torch the same pixels normalised (:class:`NormalizedInput`).
 
 Every consumer reads what the graph takes from export.json (``input.preprocessing``: the bundle's preprocessing
-plus ``pixels``, ``range``, ``layout``, ``normalize``) through :func:`graph_pixels`; an export written before this
-section existed has none of the keys and means the defaults (normalised float NCHW).
+plus ``pixels``, ``range``, ``layout``, ``normalize``): edgevit's own through :func:`graph_pixels`, the device
+kit (no edgevit there) through its ``common.graph_input``. An export written before this section existed has
+none of the keys and means the defaults (normalised float NCHW).
 """
 
 from __future__ import annotations
