@@ -122,7 +122,7 @@ def _export_into(tmp: Path, run: Path, model, meta, profile: Profile, cal_images
         log.warning("the %s split has only %d images; parity runs on those", tol.split, len(images))
     pre = meta.preprocessing
     # What the graph takes (the profile's ``input``); every image handed to the graph goes through graph_pixels.
-    graph_pre = {**pre.model_dump(mode="json"), **profile.input.model_dump(mode="json")}
+    graph_pre = preprocess.recorded(pre, profile.input)
     dims = preprocess.input_dims(pre.channels, pre.size, profile.input)
 
     raw = tmp / "raw.onnx"
@@ -154,7 +154,7 @@ def _export_into(tmp: Path, run: Path, model, meta, profile: Profile, cal_images
     deploy = FP32_ONNX
     int8_info = None
     if profile.precision == "int8":
-        int8_info = _quantize(tmp, meta, profile, cal_images, cal_info, graph_pre)
+        int8_info = _quantize(tmp, meta, profile, cal_images, cal_info)
         deploy = INT8_ONNX
     if profile.runtime == "tensorrt" and profile.precision == "fp16":
         onnx_export.to_fp16(tmp / FP32_ONNX, tmp / FP16_ONNX, FP16_KEEP_FP32)
@@ -201,7 +201,7 @@ def _heads(model) -> int:
 
 
 def _quantize(tmp: Path, meta, profile: Profile, cal_images: np.ndarray | None,
-              cal_info: dict[str, Any] | None, graph_pre: dict[str, Any]) -> dict[str, Any]:
+              cal_info: dict[str, Any] | None) -> dict[str, Any]:
     """Write model.int8.onnx, check it fits the runtime, and compare its val top-1 with fp32."""
     opts = profile.int8
     batch = profile.batch_spec
@@ -214,7 +214,7 @@ def _quantize(tmp: Path, meta, profile: Profile, cal_images: np.ndarray | None,
         checks.check_standard_ops(int8_graph, INT8_ONNX)
         info["qdq"] = checks.check_qdq_placement(int8_graph, opts.ops, INT8_ONNX)
     images, labels = quantize.split_arrays(meta, "val")
-    images = preprocess.graph_pixels(images, graph_pre)
+    images = preprocess.graph_pixels(images, preprocess.recorded(meta.preprocessing, profile.input))
     eval_batch = 64 if batch.dynamic else run_batch
     fp32 = quantize.onnx_top1(tmp / FP32_ONNX, images, labels, eval_batch)
     int8 = quantize.onnx_top1(tmp / INT8_ONNX, images, labels, eval_batch)

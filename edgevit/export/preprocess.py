@@ -28,11 +28,17 @@ from torch import nn
 
 from edgevit.errors import EdgeVitError
 from edgevit.export.profiles import InputSpec
+from edgevit.vit.bundle import Preprocessing
 
 RANGE = {"unit": 1.0, "byte": 255.0}
 DTYPE = {"float": "float32", "uint8": "uint8"}
 ONNX_DTYPE = {"float32": TensorProto.FLOAT, "uint8": TensorProto.UINT8}
 NCHW_FROM_NHWC = [0, 3, 1, 2]
+
+
+def recorded(preprocessing: Preprocessing, spec: InputSpec) -> dict[str, Any]:
+    """export.json's ``input.preprocessing``: the bundle's preprocessing and what the graph takes."""
+    return {**preprocessing.model_dump(mode="json"), **spec.model_dump(mode="json")}
 
 
 def spec_of(preprocessing: Mapping[str, Any]) -> InputSpec:
