@@ -66,7 +66,8 @@ class Artifact:
         a graph that normalises itself (profile ``input: {normalize: in_graph}``), else unchanged."""
         from edgevit.export.preprocess import graph_pixels
 
-        return graph_pixels(x, self.export["input"]["preprocessing"])
+        recorded = (self.export or {}).get("input", {}).get("preprocessing")
+        return x if recorded is None else graph_pixels(x, recorded)  # none recorded: the default graph
 
     @property
     def profile_precision(self) -> str:
