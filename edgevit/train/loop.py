@@ -117,7 +117,8 @@ def soft_target_loss() -> LossFn:
 
 def batch_mixer(cfg: TrainConfig, num_classes: int, per_rank_batch: int):
     """timm's ``Mixup`` for ``cfg`` (None when mixup and cutmix are off). It draws from numpy's global
-    generator, which :func:`fit` seeds at every epoch start so that a resumed run mixes the same pairs."""
+    generator, which :func:`fit` seeds before every batch from the epoch seed and step, so that a resumed run
+    mixes the same pairs with the same weights."""
     if cfg.mixup < 0 or cfg.cutmix < 0:
         raise EdgeVitError(f"--mixup and --cutmix take alphas >= 0, got {cfg.mixup} and {cfg.cutmix}")
     if not (cfg.mixup or cfg.cutmix):
@@ -353,6 +354,10 @@ def fit(
         description: label for the progress bar.
     """
     rank, world = init_distributed()
+    mixer = batch_mixer(cfg, len(getattr(train_set, "classes", [])), max(1, cfg.batch_size // world))
+    if mixer is not None and loss_fn is not None:
+        raise EdgeVitError(f"mixup/cutmix need the plain cross-entropy loss; {description} trains with its own")
+    loss_fn = loss_fn or (soft_target_loss() if mixer else cross_entropy_loss(cfg.label_smoothing))
     device = device_for_rank()
     torch.manual_seed(cfg.seed)
     model.to(device)
@@ -384,10 +389,6 @@ def fit(
         console.print(f"{description}: {len(train_set)} training images{sampling}; per class: "
                       + ", ".join(f"{c} {n}" for c, n in counts.items()), highlight=False, soft_wrap=True)
     sampler = EpochBatches(len(train_set), cfg.batch_size, rank, world, cfg.seed, weights)
-    mixer = batch_mixer(cfg, len(getattr(train_set, "classes", [])), max(1, cfg.batch_size // world))
-    if mixer is not None and loss_fn is not None:
-        raise EdgeVitError(f"mixup/cutmix need the plain cross-entropy loss; {description} trains with its own")
-    loss_fn = loss_fn or (soft_target_loss() if mixer else cross_entropy_loss(cfg.label_smoothing))
     loader = train_loader(train_set, sampler, cfg.workers, device)
     steps_per_epoch = len(sampler)
     total = steps_per_epoch * cfg.epochs
@@ -403,15 +404,14 @@ def fit(
             epoch_seed = cfg.seed * 7919 + epoch * 31 + rank
             generator = torch.Generator().manual_seed(epoch_seed)
             torch.manual_seed(epoch_seed)  # dropout and drop-path, if the model has them, replay on resume too
-            if mixer is not None:
-                np.random.seed(epoch_seed % 2**32)
             sampler.set_epoch(epoch)
             loss_sum, correct, seen = 0.0, 0, 0
-            for images, labels in loader:
+            for batch_index, (images, labels) in enumerate(loader):
                 images = augment_batch(images, augment, generator).to(device, non_blocking=True)
                 labels = labels.to(device, non_blocking=True)
                 targets = labels
                 if mixer is not None:
+                    np.random.seed((epoch_seed * 1_000_003 + batch_index) % 2**32)
                     images, targets = mixer(images, labels)
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(step, total, warmup, cfg.lr)
