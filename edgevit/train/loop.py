@@ -66,7 +66,8 @@ class TrainConfig:
         balance: draw each epoch's images with replacement, weighted by the inverse of their class's count,
             so rare classes (defects) are seen as often as common ones.
         mixup: timm ``Mixup`` alpha for mixup (0: off); the default loss becomes soft-target cross-entropy
-            with ``label_smoothing`` folded into the mixed targets.
+            with ``label_smoothing`` folded into the mixed targets (the training top-1 is then measured on
+            mixed images).
         cutmix: timm ``Mixup`` alpha for cutmix (0: off); with both on, each batch picks one (p 0.5).
     """
 
@@ -194,6 +195,11 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", 0)) == 0
 
 
+def _steps(n: int, batch: int, world: int) -> int:
+    """Batches per epoch: full global batches only (at least one)."""
+    return max(1, n // (max(1, batch // world) * world))
+
+
 def _batches(n: int, batch: int, rank: int, world: int, seed: int, epoch: int,
              weights: torch.Tensor | None = None) -> list[list[int]]:
     """This rank's share of a seeded permutation (or, with ``weights``, of ``n`` seeded weighted draws with
@@ -204,7 +210,7 @@ def _batches(n: int, batch: int, rank: int, world: int, seed: int, epoch: int,
     else:
         perm = torch.multinomial(weights, n, replacement=True, generator=generator).tolist()
     per_rank = max(1, batch // world)
-    steps = max(1, n // (per_rank * world))
+    steps = _steps(n, batch, world)
     return [perm[(s * world + rank) * per_rank:(s * world + rank + 1) * per_rank] for s in range(steps)]
 
 
@@ -231,7 +237,7 @@ class EpochBatches(Sampler[list[tuple[int, int]]]):
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return max(1, self.n // (max(1, self.batch // self.world) * self.world))
+        return _steps(self.n, self.batch, self.world)
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         batches = _batches(self.n, self.batch, self.rank, self.world, self.seed, self.epoch, self.weights)
