@@ -117,3 +117,13 @@ def test_resumed_run_replays_the_batches_of_an_uninterrupted_one(photos, tmp_pat
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
     assert not torch.equal(whole_inputs[0], whole_inputs[steps])  # the epochs differ
+
+
+def test_trivial_is_one_randaugment_op_always_applied_with_uniform_magnitude():
+    from timm.data.auto_augment import RandAugment
+
+    from edgevit.data.transforms import train_transform
+
+    compose = train_transform(default_preprocessing(16, 3), Augment(auto_augment="trivial")).args[1]
+    (rand,) = [t for t in compose.transforms if isinstance(t, RandAugment)]
+    assert rand.num_layers == 1 and all(op.prob == 1.0 and op.magnitude_std == float("inf") for op in rand.ops)
