@@ -195,7 +195,6 @@ def _precision(tmp: Path, model, profile: Profile, deploy: str) -> dict[str, Any
     graph = onnx.load(str(tmp / typed))
     checks.check_layernorm(graph, model, typed)
     report = precision.precision_report(graph)
-    log.info("%s precision: %s", profile.name, report["line"])
     problem = precision.check_precision(report, profile.precision, profile.tensorrt.fp32_ops)
     if problem:
         raise EdgeVitError(f"{typed} for {profile.name} is not {profile.precision} where TensorRT needs it: {problem}")

@@ -117,10 +117,11 @@ def calibration_images(cal: Calibration, meta: BundleMeta) -> tuple[np.ndarray, 
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """Silence the quantizers' progress prints and root-logger chatter (one line per tensor)."""
+    """Silence the quantizers' progress prints and bars and their root-logger chatter (one line per tensor);
+    their failures still surface as exceptions."""
     logging.disable(logging.WARNING)
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             yield
     finally:
         logging.disable(logging.NOTSET)
