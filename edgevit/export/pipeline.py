@@ -148,7 +148,7 @@ def _export_into(tmp: Path, run: Path, model, meta, profile: Profile, cal_images
     if profile.runtime == "tensorrt" and profile.precision == "fp16":
         onnx_export.to_fp16(tmp / FP32_ONNX, tmp / FP16_ONNX, profile.tensorrt.fp32_ops)
         checks.check_standard_ops(onnx.load(str(tmp / FP16_ONNX)), FP16_ONNX)
-        low_precision = _accuracy(tmp, meta, profile, FP16_ONNX, "fp16", profile.tensorrt.max_top1_drop)
+        low_precision = _accuracy(tmp, meta, profile, FP16_ONNX)
     if profile.runtime == "onnxruntime" and profile.ort_fusions == "session":
         graph_info["ort_session_fusions"] = onnx_export.session_fusions(tmp / deploy)
     if profile.runtime == "tensorrt":
@@ -217,13 +217,15 @@ def _quantize(tmp: Path, meta, profile: Profile, cal_images: np.ndarray | None,
         checks.check_standard_ops(int8_graph, INT8_ONNX)
         info["qdq"] = checks.check_qdq_placement(int8_graph, opts.ops, INT8_ONNX)
     samples = {"samples": cal_info["samples"] if cal_info else 0, "calibration": cal_info}
-    return {**_accuracy(tmp, meta, profile, INT8_ONNX, "int8", opts.max_top1_drop), **samples, **info}
+    return {**_accuracy(tmp, meta, profile, INT8_ONNX), **samples, **info}
 
 
-def _accuracy(tmp: Path, meta, profile: Profile, graph: str, label: str, max_drop: float) -> dict[str, Any]:
+def _accuracy(tmp: Path, meta, profile: Profile, graph: str) -> dict[str, Any]:
     """Val and test top-1 of the low-precision ``graph`` (exactly what the runtime loads; for TensorRT the
-    FP16/INT8 graph it builds, run here by ONNX Runtime on the CPU) next to the FP32 graph's. Over
-    ``max_drop`` on val, the export fails; test is recorded, never used to decide."""
+    FP16/INT8 graph it builds, run here by ONNX Runtime on the CPU) next to the FP32 graph's. A val drop over the
+    profile's ``max_top1_drop`` fails the export; test is recorded, never used to decide."""
+    label = profile.precision
+    max_drop = profile.int8.max_top1_drop if label == "int8" else profile.tensorrt.max_top1_drop
     batch = profile.batch_spec
     eval_batch = 64 if batch.dynamic else batch.max
     result: dict[str, Any] = {"graph": graph}
