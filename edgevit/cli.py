@@ -526,9 +526,13 @@ def export_cmd(run, profile_name, out, as_json):
     p = export["parity"]
     text = (f"wrote {out} ({export['deploy_onnx']}): parity on {p['images']} images max abs diff "
             f"{p['max_abs_diff']:.2e}, top-1 agreement {p['top1_agreement']:.4f}")
-    if "int8" in export:
-        q = export["int8"]
-        text += f"; val top-1 fp32 {q['fp32_val_top1']:.4f} -> int8 {q['int8_val_top1']:.4f} ({q['method']})"
+    precision = export["profile"]["precision"]
+    if precision in export:  # the low-precision graph's accuracy (for TensorRT: the graph it builds, run by ORT)
+        q = export[precision]
+        text += (f"; {q['graph']} top-1 val {q['fp32_val_top1']:.4f} -> {q[f'{precision}_val_top1']:.4f}, "
+                 f"test {q['fp32_test_top1']:.4f} -> {q[f'{precision}_test_top1']:.4f} (fp32 -> {precision})")
+    if "precision" in export["graph"]:
+        text += f"\nprecision: {export['graph']['precision']['line']}"
     if export["profile"]["runtime"] == "tensorrt":
         text += f"\nbuild the engine on the target: edgevit build {out}  (or {out}/build_engine.sh)"
     _emit(export, as_json, text)
