@@ -71,7 +71,8 @@ class Int8Options(_Strict):
     quantizer: Literal["static", "dynamic", "modelopt"] = "static"
     ops: list[str] = Field(default_factory=lambda: ["MatMul", "Gemm"])
     high_precision_ops: list[str] = Field(default_factory=lambda: ["LayerNormalization", "Softmax", "Add"])
-    quantize_attention_matmuls: bool = False  # q @ k^T and p @ v: activation x activation products
+    # q @ k^T and p @ v (activation x activation): INT8 fused attention on TensorRT where the block fits its rules
+    quantize_attention_matmuls: bool = False
     per_channel: bool = True
     max_top1_drop: float = Field(0.01, ge=0, le=1, description="INT8 vs FP32 val top-1 drop that fails the export")
 
@@ -86,6 +87,11 @@ class TensorRTOptions(_Strict):
     gpu_fallback: bool = True
     version_min: str = "10.0"
     version_max: str | None = None  # exclusive upper bound, e.g. "12"
+    # Op types the strongly typed graph keeps in FP32 outside the INT8 regions (everything else is FP16); an
+    # fp16/int8 export with FP32 compute beyond these fails.
+    fp32_ops: list[str] = Field(default_factory=list)
+    max_top1_drop: float = Field(0.01, ge=0, le=1, description="fp16 graph vs FP32 val top-1 drop that fails "
+                                 "the export (INT8 graphs: int8.max_top1_drop)")
 
 
 class DeepStreamOptions(_Strict):
