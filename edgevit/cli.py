@@ -86,6 +86,19 @@ def train_options(method: str):
     return decorate
 
 
+def mix_options(fn):
+    """``--mixup/--cutmix ALPHA``: timm's Mixup in the shared loop, for the commands that train with plain
+    cross-entropy (baseline, prompts)."""
+    for option in reversed([
+        click.option("--mixup", default=0.0, show_default=True, type=click.FloatRange(min=0),
+                     help="Mixup alpha (timm Mixup, soft-target cross-entropy; 0: off), e.g. 0.8."),
+        click.option("--cutmix", default=0.0, show_default=True, type=click.FloatRange(min=0),
+                     help="CutMix alpha (0: off), e.g. 1.0; with --mixup, each batch picks one."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
 def _train_config(method: str, epochs: int, lr: float, batch_size: int, seed: int, data: str, **overrides):
     from edgevit.train.run import method_train_config
 
@@ -154,12 +167,15 @@ def train() -> None:
               help="DataLoader processes decoding and augmenting image files.")
 @click.option("--balance", is_flag=True,
               help="Class-weighted sampling: rare classes (defects) are drawn as often as common ones.")
+@click.option("--auto-augment", help="Image folders: timm auto-augment, e.g. rand-m9-mstd0.5 (RandAugment), trivial "
+                                     "(TrivialAugment), augmix-m5, original (AutoAugment). Default: none.")
+@mix_options
 @train_options("baseline")
 @resume_option
 @json_option
 def train_baseline(data, out, model_name, img_size, patch_size, embed_dim, depth, heads, classes, pretrained, init,
-                   mean, std, interpolation, crop_pct, hflip, vflip, scale, workers, balance, epochs, lr,
-                   batch_size, seed, resume, as_json):
+                   mean, std, interpolation, crop_pct, hflip, vflip, scale, workers, balance, auto_augment, mixup,
+                   cutmix, epochs, lr, batch_size, seed, resume, as_json):
     """Train a ViT on DATA: from scratch, from timm's pretrained weights (--pretrained) or a local
     checkpoint (--init).
 
@@ -176,8 +192,10 @@ def train_baseline(data, out, model_name, img_size, patch_size, embed_dim, depth
     run(data, out, model_name=model_name, img_size=img_size, arch=_arch(patch_size, embed_dim, depth, heads),
         classes=classes, init=init, pretrained=pretrained,
         preprocessing={"mean": mean, "std": std, "interpolation": interpolation, "crop_pct": crop_pct},
-        augment=Augment(scale=tuple(scale), hflip=0.5 if hflip else 0.0, vflip=0.5 if vflip else 0.0),
-        cfg=_train_config("baseline", epochs, lr, batch_size, seed, data, workers=workers, balance=balance),
+        augment=Augment(scale=tuple(scale), hflip=0.5 if hflip else 0.0, vflip=0.5 if vflip else 0.0,
+                        auto_augment=auto_augment),
+        cfg=_train_config("baseline", epochs, lr, batch_size, seed, data, workers=workers, balance=balance,
+                          mixup=mixup, cutmix=cutmix),
         resume=resume)
     _report_bundle(out, as_json)
 
@@ -430,11 +448,12 @@ def train_continual_cmd(model_run, data, out, tasks, protocol, ranks, components
 @click.option("--covariance", type=click.Choice(["tokens", "mean"]), default="tokens", show_default=True,
               help="Whitening statistics over all tokens, or over the image-mean X_bar (the authors').")
 @click.option("--trainable-top", type=int, help="Deep: train B only in the top K blocks (default depth/3).")
+@mix_options
 @train_options("prompts")
 @resume_option
 @json_option
 def train_prompts(model_run, data, out, prompts, deep, rank, whiten, variant, classes, whiten_images, eps,
-                  covariance, trainable_top, epochs, lr, batch_size, seed, resume, as_json):
+                  covariance, trainable_top, mixup, cutmix, epochs, lr, batch_size, seed, resume, as_json):
     """Prompt-tune a frozen backbone on a downstream task (BPT) and merge the prompts into the bundle.
 
     \b
@@ -447,8 +466,8 @@ def train_prompts(model_run, data, out, prompts, deep, rank, whiten, variant, cl
 
     cfg = PromptConfig(prompts=prompts, deep=deep, rank=rank, variant=variant, whiten=whiten,
                        whiten_images=whiten_images, eps=eps, covariance=covariance, trainable_top=trainable_top)
-    run(model_run, data, out, cfg=cfg, train_cfg=_train_config("prompts", epochs, lr, batch_size, seed, data),
-        classes=classes, resume=resume)
+    train_cfg = _train_config("prompts", epochs, lr, batch_size, seed, data, mixup=mixup, cutmix=cutmix)
+    run(model_run, data, out, cfg=cfg, train_cfg=train_cfg, classes=classes, resume=resume)
     _report_bundle(out, as_json)
 
 
@@ -507,9 +526,13 @@ def export_cmd(run, profile_name, out, as_json):
     p = export["parity"]
     text = (f"wrote {out} ({export['deploy_onnx']}): parity on {p['images']} images max abs diff "
             f"{p['max_abs_diff']:.2e}, top-1 agreement {p['top1_agreement']:.4f}")
-    if "int8" in export:
-        q = export["int8"]
-        text += f"; val top-1 fp32 {q['fp32_val_top1']:.4f} -> int8 {q['int8_val_top1']:.4f} ({q['method']})"
+    precision = export["profile"]["precision"]
+    if precision in export:  # the low-precision graph's accuracy (for TensorRT: the graph it builds, run by ORT)
+        q = export[precision]
+        text += (f"; {q['graph']} top-1 val {q['fp32_val_top1']:.4f} -> {q[f'{precision}_val_top1']:.4f}, "
+                 f"test {q['fp32_test_top1']:.4f} -> {q[f'{precision}_test_top1']:.4f} (fp32 -> {precision})")
+    if "precision" in export["graph"]:
+        text += f"\nprecision: {export['graph']['precision']['line']}"
     if export["profile"]["runtime"] == "tensorrt":
         text += f"\nbuild the engine on the target: edgevit build {out}  (or {out}/build_engine.sh)"
     _emit(export, as_json, text)

@@ -3,7 +3,9 @@
 Images are preprocessed as export.json records (``input.preprocessing``, through the same
 :func:`edgevit.data.transforms.image_to_tensor` the datasets use) and run by one of ``edgevit profile``'s
 backends (``ort``, ``trt``, ``torch``), so a folder of test images gives the top-1 that ``edgevit profile``
-reports for the same export. A folder of class sub-folders named like the export's classes is also scored:
+reports for the same export. A graph that normalises itself (profile ``input: {normalize: in_graph}``) gets
+raw pixels in its dtype, range and layout: the ``ort``/``trt`` backends convert (``Artifact.graph_input``).
+A folder of class sub-folders named like the export's classes is also scored:
 top-1, per-class accuracy and a confusion matrix.
 """
 
@@ -61,7 +63,8 @@ class Predictor:
             raise EdgeVitError(f"{out} is a bundle, not an export directory; run `edgevit export` first")
         self.export = artifact.export
         self.classes: list[str] = list(self.export["output"]["classes"])
-        self.pre = Preprocessing.model_validate(self.export["input"]["preprocessing"])
+        recorded = self.export["input"]["preprocessing"]  # + the graph's input keys (edgevit.export.preprocess)
+        self.pre = Preprocessing.model_validate({k: v for k, v in recorded.items() if k in Preprocessing.model_fields})
         self.backend = open_backend(artifact, backend, threads, device)
         fixed = self.export["input"]["shape"][0]
         batch = self.export["profile"]["batch"]

@@ -13,7 +13,7 @@ OUT="${1:?usage: benchmark.sh EXPORT_DIR [BATCH] [SECONDS]}"
 BATCH="${2:-1}"
 SECONDS_="${3:-20}"
 TRTEXEC="${TRTEXEC:-$(command -v trtexec || echo /usr/src/tensorrt/bin/trtexec)}"
-[ -f "$OUT/engine.plan" ] || { echo "no $OUT/engine.plan: run jetson/build_engine.py $OUT first" >&2; exit 2; }
+[ -f "$OUT/engine.plan" ] || { echo "no $OUT/engine.plan: run build_engine.py $OUT first (jetson/ or the export's device/)" >&2; exit 2; }
 mkdir -p "$OUT/bench"
 
 INPUT=$(python3 -c 'import json,sys; e=json.load(open(sys.argv[1])); i=e["input"]; print(i["name"]+":"+"x".join(str(d) for d in [int(sys.argv[2])]+i["shape"][1:]))' "$OUT/export.json" "$BATCH")

@@ -127,7 +127,17 @@ def load_image(path: Path, pre: dict) -> np.ndarray:
     return array.reshape(size, size, channels) / 255.0
 
 
-def normalize(x: np.ndarray, pre: dict) -> np.ndarray:
-    """``size x size x C`` in [0, 1] -> normalised ``C x size x size``."""
-    x = (x - np.array(pre["mean"], np.float32)) / np.array(pre["std"], np.float32)
-    return x.transpose(2, 0, 1)
+RANGE = {"unit": 1.0, "byte": 255.0}
+
+
+def graph_input(x: np.ndarray, pre: dict) -> np.ndarray:
+    """``size x size x C`` in [0, 1] -> what the export's graph takes (export.json ``input.preprocessing``): the
+    normalised float32 tensor, or, with ``normalize: in_graph``, the raw pixels in the graph's range and dtype;
+    ``C x size x size`` unless the graph's layout is NHWC. Exports from before these keys mean the defaults."""
+    if pre.get("normalize", "outside") == "in_graph":
+        x = x * RANGE[pre.get("range", "unit")]
+        if pre.get("pixels", "float") == "uint8":  # x holds 8-bit pixels / 255: rint gives them back exactly
+            x = np.rint(x).astype(np.uint8)
+    else:
+        x = (x - np.array(pre["mean"], np.float32)) / np.array(pre["std"], np.float32)
+    return x if pre.get("layout", "NCHW") == "NHWC" else x.transpose(2, 0, 1)

@@ -2,7 +2,8 @@
 """Run an engine on an image folder and report top-1: the on-device accuracy check.
 
 The folder holds one sub-folder per class, named like the bundle's classes (export.json ``output.classes``);
-images are preprocessed as export.json ``input.preprocessing`` says (grayscale/RGB, resize, centre crop, mean/std).
+images are preprocessed as export.json ``input.preprocessing`` says (grayscale/RGB, resize, centre crop, then
+mean/std, or raw pixels for a graph that normalises itself: profile ``input: {normalize: in_graph}``).
 Needs python3, numpy, tensorrt, cuda-python and an image decoder (Pillow, else OpenCV; JetPack has one).
 
     python3 jetson/run_folder.py build/base/orin-int8 /data/line3/test [--batch 1] [--csv predictions.csv]
@@ -14,14 +15,14 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-from common import check, check_engine, cudart, load_image, normalize, read_export
+from common import check, check_engine, cudart, graph_input, load_image, read_export
 
 SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
 
 def preprocess(path: Path, pre: dict) -> np.ndarray:
-    """``channels x size x size`` float32: export.json's preprocessing (resize, centre crop, mean/std)."""
-    return normalize(load_image(path, pre), pre)
+    """One image as the engine takes it: export.json's preprocessing (resize, centre crop, mean/std or raw)."""
+    return graph_input(load_image(path, pre), pre)
 
 
 class Engine:

@@ -108,11 +108,18 @@ def test_jetson_int8_is_qdq_on_matmul_with_standard_ops_and_matching_trtexec(dig
     # the quant extra) keeps the graph's output layer, the head Gemm, in high precision; ORT's placer quantizes it.
     assert q["method"] == ("modelopt-int8" if modelopt_available() else "onnxruntime-static-qdq")
     assert q["quantized_nodes"] == 4 * 4 + (0 if modelopt_available() else 1)
-    # The precision report reads the same graph: the quantized nodes run INT8, every other MatMul/Gemm/Conv (the
-    # patch embedding, the attention BMMs) in the graph's FP32 (#15: FP16 outside Q/DQ is still to come).
+    # The precision report reads the same graph: the quantized nodes run INT8 and everything else FP16 (the patch
+    # embedding, the attention BMMs, LayerNorm, Softmax, GELU, the adds); input and output stay FP32 bindings.
     report = export["graph"]["precision"]
-    assert report["counts"] == {"INT8": q["quantized_nodes"], "FP32": 4 * 2 + 1 + (4 * 4 + 1 - q["quantized_nodes"])}
-    assert report["line"].startswith("INT8 ") and "of MatMul/Gemm/Conv FLOPs" in report["line"]
+    assert report["onnx"] == "model.int8.onnx" and set(report["other"]) == {"FP16"}
+    assert report["counts"] == {"INT8": q["quantized_nodes"], "FP16": 4 * 2 + 1 + (4 * 4 + 1 - q["quantized_nodes"])}
+    assert [b["fused"] for b in report["attention"]] == ["FP16"] * 4  # head size 16, 17 tokens, attention in FP16
+    assert report["line"].endswith("fused attention FP16 4/4")
+    assert {i.type.tensor_type.elem_type for i in [*graph.graph.input, *graph.graph.output]} == {onnx.TensorProto.FLOAT}
+    # The device graph's accuracy, run by ONNX Runtime, beside FP32's on val (gated) and test (recorded).
+    assert q["graph"] == "model.int8.onnx" and q["val_images"] and q["test_images"]
+    test_images, test_labels = split_arrays(read_meta(digits_bundle), "test")
+    assert q["int8_test_top1"] == pytest.approx(onnx_top1(out / "model.int8.onnx", test_images, test_labels, 1))
     script = (out / "build_engine.sh").read_text()
     line = next(s for s in script.splitlines() if s.strip().startswith('"$TRTEXEC"'))
     t = load_profile(str(path)).tensorrt
@@ -154,8 +161,55 @@ def test_surgery_bundles_export_with_parity(tmp_path):
     check_standard_ops(onnx.load(str(tmp_path / "out" / "model.fp16.onnx")), "fp16")
     check_standard_ops(onnx.load(str(tmp_path / "out" / "model.onnx")), "fp32")  # no ORT rewrites for TensorRT
     assert "ort_rewrites" not in export["graph"]
-    # Every MatMul/Gemm/Conv of the strongly typed fp16 graph, surgery ops included, runs in FP16.
-    assert set(export["graph"]["precision"]["counts"]) == {"FP16"}
+    # Every compute node of the strongly typed fp16 graph, surgery ops included, runs in FP16.
+    report = export["graph"]["precision"]
+    assert set(report["counts"]) == set(report["other"]) == {"FP16"} and export["fp16"]["delta"] >= -0.01
+    # The INT8 graph keeps every LayerNorm one op (a decomposed LayerNorm overflows in FP16) and no FP32 compute.
+    export = export_bundle(tmp_path / "bundle", profile_file(tmp_path, "jetson-orin-nano-int8", calibration={
+        "set": "digits", "samples": 32, "method": "minmax"}, int8={"max_top1_drop": 1.0}), tmp_path / "int8")
+    graph = onnx.load(str(tmp_path / "int8" / "model.int8.onnx"))
+    assert not {"ReduceMean", "Pow", "Sqrt"} & {n.op_type for n in graph.graph.node}
+    assert [n.op_type for n in graph.graph.node].count("LayerNormalization") == 2 * 3 - 1 + 1
+    assert "FP32" not in export["graph"]["precision"]["counts"] and "FP32" not in export["graph"]["precision"]["other"]
+
+
+def test_int8_attention_follows_tensorrts_fused_mha_rule(digits_bundle, tmp_path):
+    """With quantize_attention_matmuls, Q, K, the softmax output and V are quantized and the second BMM's output
+    reaches the output projection's Q/DQ: every block is INT8 fused-attention eligible (head size 16, 17 tokens)."""
+    path = profile_file(tmp_path, "jetson-orin-nano-int8", calibration={"set": "digits", "samples": 32,
+                                                                       "method": "minmax"},
+                        int8={"quantize_attention_matmuls": True, "max_top1_drop": 1.0})
+    report = export_bundle(digits_bundle, path, tmp_path / "out")["graph"]["precision"]
+    assert [(b["fused"], b["head_size"], b["seq_len"]) for b in report["attention"]] == [("INT8", 16, 17)] * 4
+    assert report["counts"]["INT8"] >= 4 * 4 + 4 * 2 and "fused attention INT8 4/4" in report["line"]
+
+
+def test_int8_graph_left_in_fp32_fails_the_export(digits_bundle, tmp_path, monkeypatch):
+    """The precision gate: an INT8 TensorRT graph whose compute outside Q/DQ stayed FP32 is refused."""
+    from edgevit.export import onnx as onnx_export
+
+    monkeypatch.setattr(onnx_export, "to_fp16", lambda src, dst, keep: None)  # the placer's FP16 pass "forgotten"
+    path = profile_file(tmp_path, "jetson-orin-nano-int8", calibration={"set": "digits", "samples": 32,
+                                                                       "method": "minmax"},
+                        int8={"quantizer": "static"})
+    line = _cli_fails(["export", str(digits_bundle), "--profile", str(path), "-o", str(tmp_path / "o")],
+                      tmp_path / "o", "model.int8.onnx for jetson-orin-nano-int8 is not int8")
+    assert "MatMul/Gemm/Conv left in FP32" in line
+
+
+@pytest.mark.skipif(not modelopt_available(), reason="needs nvidia-modelopt (the quant extra)")
+def test_ort_static_quantization_still_works_after_modelopt(fp32_export, digits_bundle, tmp_path):
+    """ModelOpt patches ONNX Runtime's calibrators in place; edgevit puts them back, so an ORT-placed export in
+    the same process (the fallback, cpu-ort-int8, a sweep) still calibrates every tensor it needs."""
+    from edgevit.export.quantize import calibration_images, quantize_modelopt, quantize_static
+
+    profile = load_profile("jetson-orin-nano-int8")
+    meta = read_meta(digits_bundle)
+    images, _ = calibration_images(profile.calibration.model_copy(update={"samples": 16}), meta)
+    src = fp32_export[0] / "model.onnx"
+    quantize_modelopt(src, tmp_path / "modelopt.onnx", images, profile.int8, "minmax")
+    info = quantize_static(src, tmp_path / "ort.onnx", images, profile.int8, "minmax", True, 1)
+    assert info["quantized_nodes"] == 4 * 4 + 1
 
 
 def _cli_fails(args: list[str], out: Path, match: str) -> str:

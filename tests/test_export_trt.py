@@ -7,7 +7,7 @@ import json
 import pytest
 
 from edgevit.errors import EdgeVitError
-from edgevit.export.profiles import load_profile
+from edgevit.export.profiles import list_profiles, load_profile
 from edgevit.export.tensorrt import ENGINE_JSON, check_engine_compatible, check_version, sha256
 
 HERE = {"trt_version": "10.3.0", "gpu_name": "Orin (nvgpu)", "compute_capability": "8.7"}
@@ -74,7 +74,7 @@ def test_build_engine_on_gpu(gpu, digits_bundle, tmp_path, profile):
 class _Recorder:
     """A stand-in for the parts of the tensorrt module ``build_engine`` uses; records what it is asked."""
 
-    def __init__(self, version: str, dla_cores: int = 0) -> None:
+    def __init__(self, version: str, dla_cores: int = 0, input_shape: tuple = (-1, 1, 16, 16)) -> None:
         from types import SimpleNamespace as NS
 
         self.__version__ = version
@@ -116,7 +116,7 @@ class _Recorder:
 
         class Network:
             def get_input(self, i):
-                return NS(name="input", shape=(-1, 1, 16, 16))
+                return NS(name="input", shape=input_shape)
 
         class Builder:
             num_DLA_cores = dla_cores
@@ -190,3 +190,88 @@ def test_build_engine_flow_on_tensorrt_10_and_11(fp16_export, monkeypatch, versi
     assert json.loads((out / "engine_inspector.json").read_text()) == {"Layers": []}
     here = {"trt_version": version, "gpu_name": "Fake GPU", "compute_capability": "8.9"}
     assert check_engine_compatible(out / ENGINE_JSON, here)["onnx"] == onnx_name
+
+
+def test_engine_plan_is_the_serialized_engine_only(fp16_export, monkeypatch):
+    """No header, no footer: engine.plan is byte for byte what the builder serialized, which is what trtexec
+    --loadEngine, DeepStream's model-engine-file and Triton's model.plan deserialize directly."""
+    import hashlib
+    import os
+    import sys
+    from types import SimpleNamespace as NS
+
+    from edgevit.export import tensorrt as trt_export
+
+    serialized = bytearray(os.urandom(4096))  # IHostMemory exposes the buffer protocol; bytes() copies it
+    deserialized: list[bytes] = []
+
+    def deserialize(data: bytes):
+        deserialized.append(bytes(data))
+        return NS(create_engine_inspector=lambda: NS(get_engine_information=lambda fmt: "{}"))
+
+    fake = _Recorder("10.3.0")
+    fake.Builder.build_serialized_network = lambda self, network, config: serialized
+    fake.Runtime = lambda logger: NS(deserialize_cuda_engine=deserialize)
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    monkeypatch.setattr(trt_export, "gpu_info", lambda: {"gpu_name": "Fake GPU", "compute_capability": "8.9"})
+    info = trt_export.build_engine(fp16_export)
+    plan = (fp16_export / "engine.plan").read_bytes()
+    assert plan == bytes(serialized) and deserialized == [plan]
+    assert info["engine_sha256"] == hashlib.sha256(bytes(serialized)).hexdigest()
+    assert (fp16_export / info["triton_model_file"]).read_bytes() == plan
+    assert "--saveEngine=engine.plan" in (fp16_export / "build_engine.sh").read_text()  # trtexec writes raw plans
+
+
+FAKE_TRTEXEC = """#!/usr/bin/env bash
+printf '%s\\n' "$@" > trtexec.args
+echo engine > engine.plan
+"""
+
+
+@pytest.mark.parametrize("major", [10, 11])
+@pytest.mark.parametrize("name", [p.name for p, _ in list_profiles() if p.runtime == "tensorrt"])
+def test_build_engine_sh_and_the_python_builder_agree(name, major, tmp_path, monkeypatch):
+    """For every shipped TensorRT profile and TensorRT major, the trtexec line build_engine.sh runs (with a fake
+    trtexec that records its arguments) asks for what the Python builder does: the same ONNX, strong typing,
+    precision flags, batch shapes, workspace, optimisation level and DLA settings."""
+    import subprocess
+    import sys
+
+    from edgevit.export import tensorrt as trt_export
+    from edgevit.export.trtexec import SCRIPT, build_script
+
+    profile = load_profile(name)
+    deploy = "model.int8.onnx" if profile.precision == "int8" else "model.onnx"
+    for graph in ("model.onnx", deploy, trt_export.FP16_ONNX):
+        (tmp_path / graph).write_bytes(b"graph")
+    (tmp_path / "export.json").write_text(json.dumps({"profile": profile.model_dump(mode="json"),
+                                                      "deploy_onnx": deploy}))
+    plans = {m: trt_export.build_plan(profile, deploy, f"{m}.0") for m in (10, 11)}
+    (tmp_path / SCRIPT).write_text(build_script(profile, plans, "input", [1, 16, 16]))
+    (tmp_path / "trtexec").write_text(FAKE_TRTEXEC)
+    (tmp_path / "trtexec").chmod(0o755)
+    env = {"PATH": "/usr/bin:/bin", "TRTEXEC": str(tmp_path / "trtexec"), "TRT_MAJOR": str(major)}
+    subprocess.run(["bash", str(tmp_path / SCRIPT)], env=env, check=True)
+    args = (tmp_path / "trtexec.args").read_text().split()
+
+    batch = profile.batch_spec
+    fake = _Recorder(f"{major}.0.0", dla_cores=1, input_shape=(-1 if batch.dynamic else batch.max, 1, 16, 16))
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    monkeypatch.setattr(trt_export, "gpu_info", lambda: {"gpu_name": "Fake GPU", "compute_capability": "8.7"})
+    trt_export.build_engine(tmp_path)
+    calls = fake.calls
+
+    def value(flag):
+        return next((a.split("=", 1)[1] for a in args if a.startswith(f"--{flag}=")), None)
+
+    assert value("onnx") == calls["onnx"]
+    assert ("--stronglyTyped" in args) == (calls["network_flags"] == 1 << 5)
+    assert sorted(a[2:].upper() for a in args if a in ("--fp16", "--int8")) == \
+        sorted(f for f in calls["flags"] if f != "GPU_FALLBACK")
+    shapes = [value(f"{k}Shapes") for k in ("min", "opt", "max")]
+    assert shapes == ([None] * 3 if calls["shapes"] is None else
+                      ["input:" + "x".join(map(str, shape)) for shape in calls["shapes"]])
+    assert value("memPoolSize") == f"workspace:{calls['workspace'] >> 20}M"
+    assert int(value("builderOptimizationLevel")) == calls["builder_optimization_level"]
+    assert value("useDLACore") == (str(calls["DLA_core"]) if "DLA_core" in calls else None)
+    assert ("--allowGPUFallback" in args) == ("GPU_FALLBACK" in calls["flags"])

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from edgevit.errors import EdgeVitError
-from edgevit.export import deepstream, export_bundle, list_profiles, triton
+from edgevit.export import deepstream, devicekit, export_bundle, list_profiles, triton
 from edgevit.export.checks import run_onnx
+from edgevit.resources import shipped_dir
 from edgevit.vit import save_bundle
 
 model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="tritonclient is a dev extra")
@@ -182,11 +183,11 @@ def test_every_shipped_tensorrt_profile_writes_an_nvinfer_classifier_config_with
 def test_nvinfer_scale_and_offsets_reproduce_the_models_normalisation():
     """nvinfer computes net-scale-factor * (x - offsets[c]) on 0..255 pixels; that must be (x/255 - mean) / std."""
     x = np.arange(256, dtype=np.float64)
-    scale, offsets, exact = deepstream.scale_and_offsets([0.5, 0.25, 0.1], [0.3, 0.3, 0.3])
+    scale, offsets, exact = deepstream.scale_and_offsets({"mean": [0.5, 0.25, 0.1], "std": [0.3, 0.3, 0.3]})
     assert exact
     for c, mean in enumerate([0.5, 0.25, 0.1]):
         np.testing.assert_allclose(scale * (x - offsets[c]), (x / 255 - mean) / 0.3, rtol=1e-12, atol=1e-12)
-    scale, _, exact = deepstream.scale_and_offsets(IMAGENET["mean"], IMAGENET["std"])
+    scale, _, exact = deepstream.scale_and_offsets(IMAGENET)
     assert not exact and scale == pytest.approx(1 / (255 * (0.229 + 0.224) / 2))
 
 
@@ -246,6 +247,30 @@ def test_tensorrt_export_writes_deepstream_and_triton_and_build_places_the_plan(
     (out / "engine.plan").write_bytes(b"serialized-engine")  # what `edgevit build` writes, then places
     placed = triton.place_engine(out)
     assert placed == model_dir / "1" / "model.plan" and placed.read_bytes() == b"serialized-engine"
+
+
+def test_tensorrt_export_carries_the_device_kit_from_the_package(trt_export, ort_export, tmp_path):
+    """device/: the package's jetson/ scripts, runnable with no edgevit on the device."""
+    import os
+    import subprocess
+    import sys
+
+    out, export = trt_export
+    kit = out / "device"
+    for name, kit_name in devicekit.FILES.items():
+        assert (kit / kit_name).read_bytes() == (shipped_dir("jetson") / name).read_bytes()
+    assert all(os.access(kit / name, os.X_OK) for name in devicekit.EXECUTABLE)
+    assert export["targets"]["device_kit"] == {"folder": "device", "files": sorted(devicekit.FILES.values())}
+    assert "device/run_folder.py" in json.loads((out / "export.json").read_text())["hashes"]
+    assert not (ort_export[0] / "device").exists()
+
+    # the runner and its helper import without edgevit; benchmark.sh parses and refuses a missing engine
+    probe = "import sys, run_folder, common; sys.exit(any(m.startswith('edgevit') for m in sys.modules))"
+    subprocess.run([sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(kit)!r}); {probe}"], check=True)
+    done = subprocess.run([sys.executable, str(kit / "run_folder.py"), "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "export_dir" in done.stdout
+    done = subprocess.run(["bash", str(kit / "benchmark.sh"), str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 2 and f"no {tmp_path}/engine.plan" in done.stderr
 
 
 def test_per_channel_std_writes_the_nearest_scalar_with_a_measured_warning(image_folder, tmp_path):

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from setuptools import find_packages
 
+from edgevit.export.devicekit import FILES as DEVICE_KIT
 from edgevit.resources import SHIPPED
 
 tomllib = pytest.importorskip("tomllib", reason="tomllib is Python >= 3.11")
@@ -77,4 +78,6 @@ def test_wheel_install_works_outside_the_repository(wheel_env, digits_bundle, tm
     for profile in ("cpu-ort-fp32", "jetson-orin-nano-int8"):
         edgevit("export", str(digits_bundle), "--profile", profile, "-o", profile)
         assert json.loads((tmp_path / profile / "export.json").read_text())["profile"]["name"] == profile
+    kit = tmp_path / "jetson-orin-nano-int8" / "device"  # the device kit comes from the installed package
+    assert sorted(p.name for p in kit.iterdir()) == sorted(DEVICE_KIT.values())
     assert "Usage" in edgevit("demo", "--help")

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from edgevit.export.precision import precision_report
+from edgevit.export.precision import check_precision, precision_report
 
 
 def _graph(dtype: int, quantize_first: bool) -> onnx.ModelProto:
@@ -43,3 +43,10 @@ def test_int8_only_where_both_operands_are_dequantized_and_flops_from_shapes():
 def test_fp16_graph_reports_fp16():
     report = precision_report(_graph(TensorProto.FLOAT16, quantize_first=False))
     assert report["counts"] == {"FP16": 2} and report["flops_share"] == {"FP16": 1.0}
+
+
+def test_precision_gate_refuses_fp32_compute_beyond_the_profiles_fp32_ops():
+    fp32 = precision_report(_graph(TensorProto.FLOAT, quantize_first=True))
+    assert check_precision(fp32, "int8", []) == "1 MatMul/Gemm/Conv left in FP32 (first: second)"
+    assert check_precision(fp32, "int8", ["MatMul"]) is None and check_precision(fp32, "fp32", []) is None
+    assert check_precision(precision_report(_graph(TensorProto.FLOAT16, quantize_first=False)), "fp16", []) is None

@@ -61,6 +61,14 @@ class Artifact:
             raise EdgeVitError(f"{path} is missing (export.json names it as deploy_onnx)")
         return path
 
+    def graph_input(self, x: np.ndarray) -> np.ndarray:
+        """A normalised float NCHW batch (every backend's input) as the export's graph takes it: raw pixels for
+        a graph that normalises itself (profile ``input: {normalize: in_graph}``), else unchanged."""
+        from edgevit.export.preprocess import graph_pixels
+
+        recorded = (self.export or {}).get("input", {}).get("preprocessing")
+        return x if recorded is None else graph_pixels(x, recorded)  # none recorded: the default graph
+
     @property
     def profile_precision(self) -> str:
         return str((self.export or {}).get("profile", {}).get("precision", "fp32"))
@@ -154,6 +162,7 @@ class OrtBackend(Backend):
         self.input = self.session.get_inputs()[0]
         self.precision = onnx_precision(path)
         self.measured_files = [path]
+        self.graph_input = artifact.graph_input
 
     def check_batch(self, batch: int) -> None:
         fixed = self.input.shape[0]
@@ -162,7 +171,7 @@ class OrtBackend(Backend):
                                "or export with a dynamic batch")
 
     def to_native(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        return {self.input.name: x}
+        return {self.input.name: self.graph_input(x)}
 
     def infer(self, native):
         return self.session.run(None, native)
@@ -204,6 +213,7 @@ class TrtBackend(Backend):
         self.output_dtype = _torch_dtype(self.engine.get_tensor_dtype(self.output))
         self.precision = artifact.profile_precision
         self.measured_files = [artifact.path / ENGINE]
+        self.graph_input = artifact.graph_input
         size = getattr(self.engine, "device_memory_size_v2", None) or self.engine.device_memory_size
         self.private_memory_mb = size / 2**20
         self._outputs: dict[int, Any] = {}
@@ -216,7 +226,7 @@ class TrtBackend(Backend):
     def to_native(self, x: np.ndarray):
         import torch
 
-        return torch.from_numpy(x).to("cuda", self.input_dtype).contiguous()
+        return torch.from_numpy(self.graph_input(x)).to("cuda", self.input_dtype).contiguous()
 
     def infer(self, native):
         import torch
@@ -251,7 +261,7 @@ def _torch_dtype(trt_dtype):
     import torch
 
     return {trt.float32: torch.float32, trt.float16: torch.float16, trt.int8: torch.int8,
-            trt.int32: torch.int32, trt.bfloat16: torch.bfloat16}[trt_dtype]
+            trt.int32: torch.int32, trt.bfloat16: torch.bfloat16, trt.uint8: torch.uint8}[trt_dtype]
 
 
 def default_device() -> str:

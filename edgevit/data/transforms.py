@@ -100,22 +100,37 @@ class Augment:
         scale: RandomResizedCrop area range (fraction of the image kept).
         hflip: horizontal flip probability (0: parts may be orientation-sensitive).
         vflip: vertical flip probability.
+        auto_augment: a timm auto-augment config (``rand-m9-mstd0.5`` RandAugment, ``augmix-m5``, ``original``
+            AutoAugment) or ``trivial`` (:data:`TRIVIAL_AUGMENT`); None: none.
     """
 
     scale: tuple[float, float] = (0.5, 1.0)
     hflip: float = 0.0
     vflip: float = 0.0
+    auto_augment: str | None = None
+
+
+# TrivialAugment (Mueller & Hutter 2021) in timm's RandAugment: one op per image, always applied, magnitude drawn
+# uniformly from 0..10 (mstd above 100 means uniform). The ops and their ranges are timm's RandAugment ones.
+TRIVIAL_AUGMENT = "rand-n1-m10-mstd101-p1.0"
 
 
 def train_transform(pre: Preprocessing, augment: Augment) -> Transform:
-    """timm's training transform for ``pre`` (no colour jitter: a defect's colour can be its signature)."""
+    """timm's training transform for ``pre`` (no colour jitter: a defect's colour can be its signature;
+    ``augment.auto_augment`` may still add RandAugment's colour ops when the user asks for them)."""
     from timm.data import create_transform
 
     lo, hi = augment.scale
     if not 0 < lo <= hi <= 1:
         raise EdgeVitError(f"--scale must satisfy 0 < min <= max <= 1, got {lo},{hi}")
-    tf = create_transform(pre.size, is_training=True, scale=augment.scale, hflip=augment.hflip, vflip=augment.vflip,
-                          color_jitter=None, interpolation=pre.interpolation, mean=pre.mean, std=pre.std)
+    auto = TRIVIAL_AUGMENT if augment.auto_augment == "trivial" else augment.auto_augment
+    try:
+        tf = create_transform(pre.size, is_training=True, scale=augment.scale, hflip=augment.hflip,
+                              vflip=augment.vflip, color_jitter=None, auto_augment=auto,
+                              interpolation=pre.interpolation, mean=pre.mean, std=pre.std)
+    except (AssertionError, ValueError, KeyError):  # timm asserts on an unknown policy or config section
+        raise EdgeVitError(f"--auto-augment {augment.auto_augment!r} is not a timm auto-augment config (e.g. "
+                           "rand-m9-mstd0.5, trivial, augmix-m5, original)") from None
     return _with_mode(pre, tf)
 
 

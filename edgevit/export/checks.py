@@ -17,7 +17,7 @@ from edgevit.export.profiles import Parity
 STANDARD_DOMAINS = ("", "ai.onnx")
 # What a LayerNormalization looks like once an exporter decomposes it; none of it may appear next to a
 # missing LayerNormalization node.
-DECOMPOSED_NORM_OPS = ("ReduceMean",)
+DECOMPOSED_NORM_OPS = ("ReduceMean", "Pow")
 
 
 def check_standard_ops(graph: onnx.ModelProto, where: str) -> None:

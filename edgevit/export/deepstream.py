@@ -5,7 +5,14 @@ nvinfer converts each frame (or detector crop) to ``network-input`` size and com
 ``(x / 255 - mean[c]) / std[c]``, so ``offsets[c] = 255 * mean[c]`` is exact, and ``net-scale-factor =
 1 / (255 * std)`` is exact only when every channel has the same std.
 
-With a per-channel std (ImageNet's 0.229/0.224/0.225) edgevit writes the nearest scalar and says so, rather
+With ``input: {normalize: in_graph}`` in the profile the graph normalises itself (mean/std folded into its patch
+embedding, ``edgevit.export.preprocess``) and nvinfer only brings the pixels to the graph's range: ``offsets`` 0
+and ``net-scale-factor`` 1 (``range: byte``) or 1/255 (``range: unit``), exact for any std. nvinfer hands the
+engine float planar (NCHW) data, so graphs taking uint8 or NHWC input get no DeepStream config (export.json
+records why under ``targets.deepstream.skipped``); they are for Triton and edgevit's own runners.
+
+With the normalisation outside the graph and a per-channel std (ImageNet's 0.229/0.224/0.225) edgevit writes the
+nearest scalar and says so, rather
 than refusing DeepStream for the profile: refusing would take DeepStream away from nearly every pretrained
 RGB ViT, while the nearest scalar (1 / (255 * midrange std), which minimises the largest per-channel relative
 error) scales each channel by at most a percent or so. The cost is measured, not guessed: the export runs the
@@ -28,6 +35,7 @@ import numpy as np
 
 from edgevit.errors import EdgeVitError
 from edgevit.export.checks import run_onnx
+from edgevit.export.preprocess import RANGE, spec_of
 from edgevit.export.profiles import Profile
 from edgevit.export.trtexec import ENGINE
 
@@ -43,8 +51,12 @@ SCALING_FILTER = {"nearest": 0, "bilinear": 1, "bicubic": 2}  # NvBufSurfTransfo
 PIXEL_RANGE = 255.0
 
 
-def scale_and_offsets(mean: list[float], std: list[float]) -> tuple[float, list[float], bool]:
-    """nvinfer's ``net-scale-factor`` and ``offsets`` for ``(x / 255 - mean) / std``, and whether they are exact."""
+def scale_and_offsets(pre: dict[str, Any]) -> tuple[float, list[float], bool]:
+    """nvinfer's ``net-scale-factor`` and ``offsets`` for the input of a graph with export.json preprocessing
+    ``pre`` (raw pixels in the graph's range, or ``(x / 255 - mean) / std``), and whether they are exact."""
+    spec, mean, std = spec_of(pre), pre["mean"], pre["std"]
+    if spec.raw:
+        return RANGE[spec.range] / PIXEL_RANGE, [0.0] * len(mean), True
     offsets = [PIXEL_RANGE * m for m in mean]
     exact = max(std) - min(std) <= 1e-12 * max(std)
     scale = 1.0 / (PIXEL_RANGE * (min(std) + max(std)) / 2)
@@ -74,7 +86,7 @@ def config_infer(export: dict[str, Any], profile: Profile, warning: str | None =
     """
     pre, ds = export["input"]["preprocessing"], profile.deepstream
     dims = export["input"]["shape"][1:]  # C, H, W
-    scale, offsets, _ = scale_and_offsets(pre["mean"], pre["std"])
+    scale, offsets, _ = scale_and_offsets(pre)
     lines = [
         f"# nvinfer classifier for {export['method']} / profile {profile.name}, written by `edgevit export`.",
         "# model-engine-file is built on the device: `edgevit build ..` or ../build_engine.sh; nvinfer builds",
@@ -124,7 +136,15 @@ def emit(out: Path, export: dict[str, Any], profile: Profile, images: np.ndarray
     if profile.runtime != "tensorrt":
         return None
     pre = export["input"]["preprocessing"]
-    scale, offsets, exact = scale_and_offsets(pre["mean"], pre["std"])
+    spec = spec_of(pre)
+    if spec.pixels != "float" or spec.layout != "NCHW":
+        reason = (
+            f"nvinfer feeds the engine float NCHW tensors; this graph takes {spec.pixels} {spec.layout} "
+            "(use input: {pixels: float, range: byte, layout: NCHW, normalize: in_graph} for DeepStream)"
+        )
+        log.warning("no DeepStream config: %s", reason)
+        return {"skipped": reason}
+    scale, offsets, exact = scale_and_offsets(pre)
     info: dict[str, Any] = {
         "config": f"{FOLDER}/{CONFIG}",
         "labels": f"{FOLDER}/{LABELS}",
@@ -142,7 +162,7 @@ def emit(out: Path, export: dict[str, Any], profile: Profile, images: np.ndarray
             f"per-channel std {pre['std']} is not expressible in nvinfer (one net-scale-factor); "
             f"net-scale-factor is the nearest scalar (std {(min(pre['std']) + max(pre['std'])) / 2:.6g}): "
             f"top-1 agreement {cost['top1_agreement']:.4f}, max logit diff {cost['max_abs_logit_diff']:.3g} "
-            f"on {cost['images']} parity images"
+            f"on {cost['images']} parity images; input: {{normalize: in_graph}} in the profile makes it exact"
         )
         info.update(approximation=cost, warning=warning)
         log.warning("DeepStream config: %s", warning)

@@ -21,11 +21,14 @@ import torch
 from torch import nn
 
 from edgevit.errors import EdgeVitError
+from edgevit.export.checks import opset_of
 from edgevit.export.profiles import BatchSpec
 
 log = logging.getLogger("edgevit")
 
 INPUT, OUTPUT = "input", "logits"
+
+QDQ_FP16_OPSET = 19  # QuantizeLinear/DequantizeLinear take fp16 scales from opset 19
 
 
 def export_onnx(
@@ -129,13 +132,17 @@ def transformer_fusions(src: Path, dst: Path, num_heads: int, hidden: int) -> di
 
 
 def to_fp16(src: Path, dst: Path, keep_fp32: list[str]) -> None:
-    """A strongly typed fp16 copy of ``src`` (fp32 inputs/outputs; ``keep_fp32`` op types stay fp32), for
-    TensorRT 11, which takes precision from the graph instead of builder flags."""
+    """A strongly typed fp16 copy of ``src`` for TensorRT, which takes precision from the graph: every float
+    tensor fp16 except the graph's inputs and outputs (one Cast at each end, so runners keep fp32 bindings) and
+    the ``keep_fp32`` op types. Q/DQ graphs move to opset 19 first, where Q/DQ scales may be fp16."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
+    graph = onnx.load(str(src))
+    if any(n.op_type == "QuantizeLinear" for n in graph.graph.node) and opset_of(graph) < QDQ_FP16_OPSET:
+        graph = onnx.version_converter.convert_version(graph, QDQ_FP16_OPSET)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        half = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True, op_block_list=keep_fp32)
+        half = convert_float_to_float16(graph, keep_io_types=True, op_block_list=keep_fp32)
     _topological_sort(half.graph)  # the converter appends its input casts after their consumers
     check(half)
     onnx.save(half, str(dst))

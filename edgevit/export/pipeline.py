@@ -22,9 +22,9 @@ import onnx
 import torch
 
 from edgevit.errors import EdgeVitError
-from edgevit.export import checks, deepstream, ort_graph, precision, quantize, triton
+from edgevit.export import checks, deepstream, devicekit, ort_graph, precision, preprocess, quantize, triton
 from edgevit.export import onnx as onnx_export
-from edgevit.export.profiles import Profile, load_profile
+from edgevit.export.profiles import InputSpec, Profile, load_profile
 from edgevit.export.tensorrt import FP16_ONNX, build_plan, sha256
 from edgevit.export.trtexec import SCRIPT, build_script
 from edgevit.vit.bundle import META, WEIGHTS, atomic_write_json, load_bundle
@@ -33,11 +33,10 @@ log = logging.getLogger("edgevit")
 
 SCHEMA_VERSION = 1
 FP32_ONNX, INT8_ONNX, EXPORT_JSON = "model.onnx", "model.int8.onnx", "export.json"
-FP16_KEEP_FP32 = ["LayerNormalization", "Softmax"]
 OWNER = ".owner"  # in a temporary export directory: "<host> <pid>" of the export writing it
 # Deployment targets written beside the graph: each module's ``emit(out, export, profile, parity_images)`` writes
 # its own folder and returns what export.json records under ``targets[NAME]`` (None: not for this profile).
-EMITTERS = (triton, deepstream)
+EMITTERS = (triton, deepstream, devicekit)
 
 
 def _versions() -> dict[str, str | None]:
@@ -121,15 +120,25 @@ def _export_into(tmp: Path, run: Path, model, meta, profile: Profile, cal_images
     if len(images) < tol.images:
         log.warning("the %s split has only %d images; parity runs on those", tol.split, len(images))
     pre = meta.preprocessing
-    dims = [pre.channels, pre.size, pre.size]
+    # What the graph takes (the profile's ``input``); every image handed to the graph goes through graph_pixels.
+    graph_pre = preprocess.recorded(pre, profile.input)
+    dims = preprocess.input_dims(pre.channels, pre.size, profile.input)
 
     raw = tmp / "raw.onnx"
     onnx_export.export_onnx(model, raw, torch.from_numpy(images[:1]), batch, profile.opset, profile.exporter)
     slim = onnx_export.simplify(raw, tmp / FP32_ONNX)
     raw.unlink()
+    reference, adapted = model, None
+    if profile.input != InputSpec():  # parity compares the adapted graph with torch normalising the same pixels
+        adapted = preprocess.adapt_input(tmp / FP32_ONNX, onnx_export.INPUT, pre.mean, pre.std, profile.input)
+        reference = preprocess.NormalizedInput(model, pre.mean, pre.std, profile.input)
+        images = preprocess.graph_pixels(images, graph_pre)
+        cal_images = None if cal_images is None else preprocess.graph_pixels(cal_images, graph_pre)
     graph = onnx.load(str(tmp / FP32_ONNX))
     layer_norms = checks.check_layernorm(graph, model, FP32_ONNX)
     graph_info: dict[str, Any] = {**slim, "layer_norms": layer_norms, "opset": checks.opset_of(graph)}
+    if adapted is not None:
+        graph_info["input"] = adapted
     if profile.runtime == "tensorrt":
         checks.check_standard_ops(graph, FP32_ONNX)
     elif profile.ort_fusions == "transformers":
@@ -139,36 +148,34 @@ def _export_into(tmp: Path, run: Path, model, meta, profile: Profile, cal_images
     elif profile.ort_fusions == "session":  # ORT targets: fused com.microsoft kernels ORT does not build itself
         graph_info["ort_rewrites"] = ort_graph.rewrite(tmp / FP32_ONNX, tmp / FP32_ONNX)
 
-    result = checks.parity(model, tmp / FP32_ONNX, images, tol, batch.opt if batch.dynamic else batch.max)
+    result = checks.parity(reference, tmp / FP32_ONNX, images, tol, batch.opt if batch.dynamic else batch.max)
     if not result["passed"]:
         raise EdgeVitError(checks.parity_error(result))
 
     deploy = FP32_ONNX
-    int8_info = None
+    low_precision = None  # export.json's "int8" / "fp16": the graph's accuracy next to FP32's
     if profile.precision == "int8":
-        int8_info = _quantize(tmp, meta, profile, cal_images, cal_info)
+        low_precision = _quantize(tmp, meta, profile, cal_images, cal_info)
         deploy = INT8_ONNX
     if profile.runtime == "tensorrt" and profile.precision == "fp16":
-        onnx_export.to_fp16(tmp / FP32_ONNX, tmp / FP16_ONNX, FP16_KEEP_FP32)
+        onnx_export.to_fp16(tmp / FP32_ONNX, tmp / FP16_ONNX, profile.tensorrt.fp32_ops)
         checks.check_standard_ops(onnx.load(str(tmp / FP16_ONNX)), FP16_ONNX)
+        low_precision = _accuracy(tmp, meta, profile, FP16_ONNX)
     if profile.runtime == "onnxruntime" and profile.ort_fusions == "session":
         graph_info["ort_session_fusions"] = onnx_export.session_fusions(tmp / deploy)
     if profile.runtime == "tensorrt":
         plans = {major: build_plan(profile, deploy, f"{major}.0") for major in (10, 11)}
         (tmp / SCRIPT).write_text(build_script(profile, plans, onnx_export.INPUT, dims))
         (tmp / SCRIPT).chmod(0o755)
-        # The strongly typed graph TensorRT builds (fp16 on TensorRT 10 builds model.onnx with --fp16 instead).
-        typed = tmp / (FP16_ONNX if profile.precision == "fp16" else deploy)
-        graph_info["precision"] = precision.precision_report(onnx.load(str(typed)))
-        log.info("%s precision: %s", profile.name, graph_info["precision"]["line"])
+        graph_info["precision"] = _precision(tmp, model, profile, deploy)
 
     batch_dim = -1 if batch.dynamic else batch.max
     export = {
         "schema_version": SCHEMA_VERSION,
         "profile": profile.model_dump(mode="json"),
         "deploy_onnx": deploy,
-        "input": {"name": onnx_export.INPUT, "shape": [batch_dim, *dims], "dtype": "float32",
-                  "preprocessing": pre.model_dump(mode="json")},
+        "input": {"name": onnx_export.INPUT, "shape": [batch_dim, *dims],
+                  "dtype": preprocess.input_dtype(profile.input), "preprocessing": graph_pre},
         "output": {"name": onnx_export.OUTPUT, "shape": [batch_dim, len(meta.classes)], "dtype": "float32",
                    "classes": meta.classes},
         "parity": result,
@@ -179,8 +186,8 @@ def _export_into(tmp: Path, run: Path, model, meta, profile: Profile, cal_images
         "versions": _versions(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    if int8_info is not None:
-        export["int8"] = int8_info
+    if low_precision is not None:
+        export[profile.precision] = low_precision
     export["targets"] = {e.NAME: info for e in EMITTERS if (info := e.emit(tmp, export, profile, images)) is not None}
     (tmp / OWNER).unlink()  # finished: only the export's own files are hashed and renamed into place
     export["hashes"] = {str(p.relative_to(tmp)): sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
@@ -192,27 +199,58 @@ def _heads(model) -> int:
     return next(b.attn.num_heads for b in model.blocks if hasattr(b, "attn"))
 
 
+def _precision(tmp: Path, model, profile: Profile, deploy: str) -> dict[str, Any]:
+    """The precision report of the strongly typed graph TensorRT builds (fp16 on TensorRT 10 builds model.onnx
+    with --fp16 instead, from the same weights); a graph that breaks the profile's precision, or whose LayerNorms
+    are no longer one op each (decomposed LayerNorm overflows in FP16), fails the export."""
+    typed = FP16_ONNX if profile.precision == "fp16" else deploy
+    graph = onnx.load(str(tmp / typed))
+    checks.check_layernorm(graph, model, typed)
+    report = precision.precision_report(graph)
+    problem = precision.check_precision(report, profile.precision, profile.tensorrt.fp32_ops)
+    if problem:
+        raise EdgeVitError(f"{typed} for {profile.name} is not {profile.precision} where TensorRT needs it: {problem}")
+    return {"onnx": typed, **report}
+
+
 def _quantize(tmp: Path, meta, profile: Profile, cal_images: np.ndarray | None,
               cal_info: dict[str, Any] | None) -> dict[str, Any]:
-    """Write model.int8.onnx, check it fits the runtime, and compare its val top-1 with fp32."""
+    """Write model.int8.onnx, check it fits the runtime, and compare its top-1 with fp32."""
     opts = profile.int8
     batch = profile.batch_spec
     run_batch = batch.opt if batch.dynamic else batch.max
+    tensorrt = profile.runtime == "tensorrt"
     info = quantize.quantize_graph(tmp / FP32_ONNX, tmp / INT8_ONNX, cal_images, opts, profile.calibration.method,
-                                   profile.runtime, max(run_batch, 8) if batch.dynamic else run_batch)
+                                   profile.runtime, max(run_batch, 8) if batch.dynamic else run_batch,
+                                   profile.tensorrt.fp32_ops if tensorrt else [])
     int8_graph = onnx.load(str(tmp / INT8_ONNX))
     onnx_export.check(int8_graph)
-    if profile.runtime == "tensorrt":
+    if tensorrt:
         checks.check_standard_ops(int8_graph, INT8_ONNX)
         info["qdq"] = checks.check_qdq_placement(int8_graph, opts.ops, INT8_ONNX)
-    images, labels = quantize.split_arrays(meta, "val")
-    eval_batch = 64 if batch.dynamic else run_batch
-    fp32 = quantize.onnx_top1(tmp / FP32_ONNX, images, labels, eval_batch)
-    int8 = quantize.onnx_top1(tmp / INT8_ONNX, images, labels, eval_batch)
-    result = {"fp32_val_top1": fp32, "int8_val_top1": int8, "delta": int8 - fp32, "val_images": len(labels),
-              "samples": cal_info["samples"] if cal_info else 0, "calibration": cal_info, **info}
-    if fp32 - int8 > opts.max_top1_drop:
-        raise EdgeVitError(f"INT8 val top-1 {int8:.4f} is {fp32 - int8:.4f} below FP32 {fp32:.4f} "
-                           f"(profile allows {opts.max_top1_drop}); try more calibration samples or another "
-                           "calibration method")
+    samples = {"samples": cal_info["samples"] if cal_info else 0, "calibration": cal_info}
+    return {**_accuracy(tmp, meta, profile, INT8_ONNX), **samples, **info}
+
+
+def _accuracy(tmp: Path, meta, profile: Profile, graph: str) -> dict[str, Any]:
+    """Val and test top-1 of the low-precision ``graph`` (exactly what the runtime loads; for TensorRT the
+    FP16/INT8 graph it builds, run here by ONNX Runtime on the CPU) next to the FP32 graph's. A val drop over the
+    profile's ``max_top1_drop`` fails the export; test is recorded, never used to decide."""
+    label = profile.precision
+    max_drop = profile.int8.max_top1_drop if label == "int8" else profile.tensorrt.max_top1_drop
+    batch = profile.batch_spec
+    eval_batch = 64 if batch.dynamic else batch.max
+    result: dict[str, Any] = {"graph": graph}
+    for split in ("val", "test"):
+        images, labels = quantize.split_arrays(meta, split)
+        images = preprocess.graph_pixels(images, preprocess.recorded(meta.preprocessing, profile.input))
+        result[f"fp32_{split}_top1"] = quantize.onnx_top1(tmp / FP32_ONNX, images, labels, eval_batch)
+        result[f"{label}_{split}_top1"] = quantize.onnx_top1(tmp / graph, images, labels, eval_batch)
+        result[f"{split}_images"] = len(labels)
+    fp32, low = result["fp32_val_top1"], result[f"{label}_val_top1"]
+    result["delta"] = low - fp32
+    if fp32 - low > max_drop:
+        hint = "; try more calibration samples or another calibration method" if label == "int8" else ""
+        raise EdgeVitError(f"{label.upper()} val top-1 {low:.4f} is {fp32 - low:.4f} below FP32 {fp32:.4f} "
+                           f"(profile allows {max_drop}){hint}")
     return result

@@ -5,6 +5,15 @@ or Conv is decided before the device sees it: INT8 when its activation and weigh
 ``DequantizeLinear`` (TensorRT fuses the Q/DQ pair into an INT8 kernel), else the element type ONNX type
 inference gives its first input (FP16 or FP32). FLOPs come from the inferred shapes (an unknown batch counts
 as 1), so the shares say where the time will go.
+
+Every other floating-point compute node (LayerNorm, Softmax, GELU, the residual adds) runs in its output's type,
+and each attention block (``MatMul -> Softmax -> MatMul``) is checked against TensorRT's fused multi-head attention
+rules (https://docs.nvidia.com/deeplearning/tensorrt/latest/inference-library/transformers-fused-attention.html
+and the INT8 MHA fusion notes of the TensorRT developer guide): INT8 fused attention needs Q/DQ on Q, K, the softmax
+output and V (the second matmul's output is quantized where its consumer, the output projection, reads it through
+Q/DQ), head size 16, 32 or 64 and sequences of at most 512 tokens; FP16 fused attention needs both matmuls and the
+softmax in FP16 and a head size that is a multiple of 8 from 16 to 256. The attention scale must reach Q or K before
+the first matmul, so nothing may sit between that matmul and the softmax.
 """
 
 from __future__ import annotations
@@ -15,6 +24,13 @@ from typing import Any
 import onnx
 
 COMPUTE_OPS = ("MatMul", "Gemm", "Conv")
+# Nodes that move, reshape or convert data rather than compute on it (their precision is their neighbours').
+DATA_OPS = {"QuantizeLinear", "DequantizeLinear", "Cast", "Constant", "ConstantOfShape", "Shape", "Gather", "Concat",
+            "Unsqueeze", "Squeeze", "Reshape", "Transpose", "Split", "Slice", "Expand", "Where", "Equal", "Identity",
+            "Flatten", "Tile", "Range"}
+PASS_THROUGH = ("Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten")
+INT8_MHA_HEAD_SIZES = (16, 32, 64)
+INT8_MHA_MAX_SEQ = 512
 NAMES = {onnx.TensorProto.FLOAT: "FP32", onnx.TensorProto.FLOAT16: "FP16", onnx.TensorProto.BFLOAT16: "BF16"}
 
 
@@ -63,11 +79,77 @@ def int8_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
     return [n for n in graph.node if _is_int8(n, dequantized)]
 
 
+def _readers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    return readers
+
+
+def _quantized_downstream(name: str, readers: dict[str, list[onnx.NodeProto]]) -> bool:
+    """``name`` reaches a ``QuantizeLinear`` through data-movement ops only (TensorRT moves Q/DQ across them)."""
+    for node in readers.get(name, []):
+        if node.op_type == "QuantizeLinear" or (node.op_type in PASS_THROUGH
+                                                  and _quantized_downstream(node.output[0], readers)):
+            return True
+    return False
+
+
+def attention_blocks(graph: onnx.GraphProto, typed: dict[str, tuple[int, list[int]]],
+                     precisions: dict[str, str]) -> list[dict[str, Any]]:
+    """Each ``MatMul -> Softmax -> MatMul`` chain: its head size, sequence length, the precision of its matmuls
+    and whether TensorRT's fused attention can take it (``fused``: ``INT8``, ``FP16`` or None with ``reason``)."""
+    producer = {o: n for n in graph.node for o in n.output}
+    readers = _readers(graph)
+    dequantized = _dequantized(graph)
+    blocks = []
+    for softmax in (n for n in graph.node if n.op_type == "Softmax"):
+        bmm1 = producer.get(softmax.input[0])
+        out = softmax.output[0]
+        after = readers.get(out, [])
+        if after and after[0].op_type == "QuantizeLinear":  # softmax -> Q -> DQ -> second matmul
+            out = readers[after[0].output[0]][0].output[0]
+        bmm2 = next((n for n in readers.get(out, []) if n.op_type == "MatMul"), None)
+        if bmm1 is None or bmm1.op_type != "MatMul" or bmm2 is None:
+            reason = "a node sits between the first matmul and the softmax (the scale must be applied to Q or K)" \
+                if bmm1 is not None and bmm2 is not None else "not a MatMul -> Softmax -> MatMul chain"
+            blocks.append({"softmax": softmax.name, "fused": None, "reason": reason})
+            continue
+        q_shape = typed.get(bmm1.input[0], (0, []))[1]
+        head, seq = (q_shape[-1], q_shape[-2]) if len(q_shape) >= 2 else (0, 0)
+        pair = (precisions.get(bmm1.name), precisions.get(bmm2.name))
+        softmax_type = NAMES.get(typed.get(softmax.output[0], (0, []))[0], "unknown")
+        block = {"name": bmm1.name.rsplit("/", 2)[0] or bmm1.name, "head_size": head, "seq_len": seq,
+                 "matmuls": list(pair), "softmax": softmax_type}
+        if pair == ("INT8", "INT8"):
+            reasons = [r for ok, r in ((all(i in dequantized for i in bmm2.input[:2]), "softmax output or V "
+                                        "not quantized"),
+                                       (_quantized_downstream(bmm2.output[0], readers), "second matmul's output "
+                                        "not quantized"),
+                                       (head in INT8_MHA_HEAD_SIZES, f"head size {head} not 16/32/64"),
+                                       (seq <= INT8_MHA_MAX_SEQ, f"sequence {seq} > {INT8_MHA_MAX_SEQ}")) if not ok]
+            fused = "INT8"
+        elif pair == ("FP16", "FP16"):
+            reasons = [r for ok, r in ((softmax_type == "FP16", f"softmax in {softmax_type}"),
+                                       (16 <= head <= 256 and head % 8 == 0, f"head size {head} not a multiple of "
+                                        "8 in 16..256")) if not ok]
+            fused = "FP16"
+        else:
+            reasons, fused = [f"matmuls run {pair[0]}/{pair[1]}"], None
+        block.update(fused=None if reasons else fused, reason="; ".join(reasons) or None)
+        blocks.append(block)
+    return blocks
+
+
 def precision_report(model: onnx.ModelProto) -> dict[str, Any]:
-    """Per MatMul/Gemm/Conv the precision TensorRT will run it in, and the share of FLOPs by precision.
+    """Per MatMul/Gemm/Conv the precision TensorRT will run it in, the share of FLOPs by precision, the precision
+    of every other compute node and the fused-attention eligibility of every attention block.
 
     Returns a dict with ``nodes`` (name, op, precision, flops), ``flops_share`` (precision -> fraction),
-    ``counts`` (precision -> nodes) and ``line``, the one-line summary the export prints.
+    ``counts`` (precision -> nodes), ``other`` (precision -> op type -> nodes, for the non-MatMul compute),
+    ``attention`` (one entry per block, see :func:`attention_blocks`) and ``line``, the one-line summary the
+    export prints.
     """
     inferred = onnx.shape_inference.infer_shapes(model)
     graph = inferred.graph
@@ -90,6 +172,36 @@ def precision_report(model: onnx.ModelProto) -> dict[str, Any]:
     order = ("INT8", "FP16", "FP32")
     line = ", ".join(f"{p} {round(100 * shares.get(p, 0.0))}%" for p in order) + " of MatMul/Gemm/Conv FLOPs ("
     line += ", ".join(f"{counts.get(p, 0)} {p}" for p in order) + " nodes)"
+    other: dict[str, dict[str, int]] = {}
+    for node in graph.node:
+        if node.op_type not in COMPUTE_OPS and node.op_type not in DATA_OPS and node.output[0] in typed:
+            p = NAMES.get(typed[node.output[0]][0])
+            if p is not None:
+                other.setdefault(p, {}).setdefault(node.op_type, 0)
+                other[p][node.op_type] += 1
+    if other:
+        line += "; other compute " + ", ".join(f"{p} {sum(other[p].values())}" for p in order if p in other)
+    attention = attention_blocks(graph, typed, {n["name"]: n["precision"] for n in nodes})
+    if attention:
+        fused = [b["fused"] for b in attention]
+        kinds = [k for k in ("INT8", "FP16") if k in fused]
+        line += "; fused attention " + (", ".join(f"{k} {fused.count(k)}/{len(fused)}" for k in kinds)
+                                         or f"0/{len(fused)} blocks ({attention[0]['reason']})")
     return {"how": "ONNX type inference; INT8 where both operands come from DequantizeLinear",
-            "flops_share": {p: round(s, 4) for p, s in shares.items()}, "counts": counts, "line": line,
-            "nodes": nodes}
+            "flops_share": {p: round(s, 4) for p, s in shares.items()}, "counts": counts, "other": other,
+            "attention": attention, "line": line, "nodes": nodes}
+
+
+def check_precision(report: dict[str, Any], precision: str, fp32_ops: list[str]) -> str | None:
+    """Why a TensorRT graph breaks its profile's precision, or None: an INT8 or FP16 graph may leave no
+    MatMul/Gemm/Conv and no other compute node in FP32 except the op types the profile keeps (``fp32_ops``)."""
+    if precision not in ("int8", "fp16"):
+        return None
+    fp32 = [n["name"] for n in report["nodes"] if n["precision"] == "FP32" and n["op"] not in fp32_ops]
+    if fp32:
+        return f"{len(fp32)} MatMul/Gemm/Conv left in FP32 (first: {fp32[0]})"
+    extra = {op: k for op, k in report["other"].get("FP32", {}).items() if op not in fp32_ops}
+    if extra:
+        return "FP32 compute the profile does not list in tensorrt.fp32_ops: " + \
+            ", ".join(f"{k} {op}" for op, k in sorted(extra.items()))
+    return None

@@ -71,7 +71,8 @@ class Int8Options(_Strict):
     quantizer: Literal["static", "dynamic", "modelopt"] = "static"
     ops: list[str] = Field(default_factory=lambda: ["MatMul", "Gemm"])
     high_precision_ops: list[str] = Field(default_factory=lambda: ["LayerNormalization", "Softmax", "Add"])
-    quantize_attention_matmuls: bool = False  # q @ k^T and p @ v: activation x activation products
+    # q @ k^T and p @ v (activation x activation): INT8 fused attention on TensorRT where the block fits its rules
+    quantize_attention_matmuls: bool = False
     per_channel: bool = True
     max_top1_drop: float = Field(0.01, ge=0, le=1, description="INT8 vs FP32 val top-1 drop that fails the export")
 
@@ -86,6 +87,11 @@ class TensorRTOptions(_Strict):
     gpu_fallback: bool = True
     version_min: str = "10.0"
     version_max: str | None = None  # exclusive upper bound, e.g. "12"
+    # Op types the strongly typed graph keeps in FP32 outside the INT8 regions (everything else is FP16); an
+    # fp16/int8 export with FP32 compute beyond these fails.
+    fp32_ops: list[str] = Field(default_factory=list)
+    max_top1_drop: float = Field(0.01, ge=0, le=1, description="fp16 graph vs FP32 val top-1 drop that fails "
+                                 "the export (INT8 graphs: int8.max_top1_drop)")
 
 
 class DeepStreamOptions(_Strict):
@@ -111,6 +117,35 @@ class DeepStreamOptions(_Strict):
         if self.operate_on_gie_id == self.gie_unique_id:
             raise ValueError("gie_unique_id must differ from the detector's operate_on_gie_id")
         return self
+
+
+class InputSpec(_Strict):
+    """What the deploy graph's input tensor holds.
+
+    ``normalize: outside`` (the default, today's graph) takes the normalised float NCHW tensor
+    ``(x / 255 - mean) / std``; the caller normalises. ``in_graph`` takes raw pixels (``pixels`` uint8 or float, in
+    ``range`` ``byte`` [0, 255] or ``unit`` [0, 1]) and the mean/std are folded into the patch-embedding
+    convolution (``edgevit.export.preprocess``): no extra op, one Cast for uint8, one Transpose for NHWC.
+    """
+
+    pixels: Literal["float", "uint8"] = "float"
+    range: Literal["unit", "byte"] = "unit"
+    layout: Literal["NCHW", "NHWC"] = "NCHW"
+    normalize: Literal["in_graph", "outside"] = "outside"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> InputSpec:
+        if self.normalize == "outside" and (self.pixels, self.range) != ("float", "unit"):
+            raise ValueError("pixels/range describe raw pixels: they need normalize: in_graph "
+                             "(with normalize: outside the graph takes the normalised float tensor)")
+        if self.pixels == "uint8" and self.range != "byte":
+            raise ValueError("uint8 pixels are in range: byte")
+        return self
+
+    @property
+    def raw(self) -> bool:
+        """The graph takes raw pixels (normalisation folded into it)."""
+        return self.normalize == "in_graph"
 
 
 class Parity(_Strict):
@@ -139,6 +174,7 @@ class Profile(_Strict):
     int8: Int8Options = Field(default_factory=Int8Options)
     tensorrt: TensorRTOptions = Field(default_factory=TensorRTOptions)
     deepstream: DeepStreamOptions = Field(default_factory=DeepStreamOptions)
+    input: InputSpec = Field(default_factory=InputSpec)
     parity: Parity = Field(default_factory=Parity)
 
     @model_validator(mode="after")

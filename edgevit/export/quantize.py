@@ -8,12 +8,15 @@ Quantizers:
 
 - ``static``: ONNX Runtime static quantization in QDQ format on MatMul/Gemm with per-channel weights and
   calibrated activation scales. For TensorRT, activations are symmetric int8 (TensorRT requires zero
-  points of 0) and only weight MatMuls/Gemms are quantized, so Q/DQ pairs sit on MatMul/Gemm inputs and
-  LayerNorm, Softmax and residual adds keep their precision; for ONNX Runtime, activations are uint8 (the
-  fast u8s8 kernels on x86).
+  points of 0), Q/DQ pairs sit on MatMul/Gemm inputs only (LayerNorm, Softmax and residual adds are never
+  quantized) and the calibrated graph is then made FP16 outside its Q/DQ (opset 19, fp16 scales), the same
+  kind of graph ModelOpt writes; for ONNX Runtime, activations are uint8 (the fast u8s8 kernels on x86).
 - ``dynamic``: ONNX Runtime dynamic quantization (int8 weights, activation ranges per batch). ORT only.
-- ``modelopt``: nvidia-modelopt's ONNX INT8 quantization (TensorRT placement rules); when modelopt is not
-  installed the ``static`` TensorRT path runs instead and export.json says so.
+- ``modelopt``: nvidia-modelopt's ONNX INT8 quantization (TensorRT placement rules, FP16 outside Q/DQ); when
+  modelopt is not installed the ``static`` TensorRT path runs instead and export.json says so.
+
+TensorRT INT8 graphs are mixed precision in the graph itself: a strongly typed build runs the Q/DQ regions in
+INT8, every other tensor in FP16 (except ``tensorrt.fp32_ops``), with FP32 graph input and output.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from edgevit.data import DIGITS, balanced_indices, load_ref, load_split
 from edgevit.data.datasets import IMAGE_SUFFIXES, ImageFiles
 from edgevit.errors import EdgeVitError
+from edgevit.export import onnx as onnx_export
 from edgevit.export.checks import run_onnx
 from edgevit.export.precision import int8_nodes
 from edgevit.export.profiles import Calibration, Int8Options, find_yaml, read_yaml
@@ -113,10 +117,11 @@ def calibration_images(cal: Calibration, meta: BundleMeta) -> tuple[np.ndarray, 
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """Silence the quantizers' progress prints and root-logger chatter (one line per tensor)."""
+    """Silence the quantizers' progress prints and bars and their root-logger chatter (one line per tensor);
+    their failures still surface as exceptions."""
     logging.disable(logging.WARNING)
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             yield
     finally:
         logging.disable(logging.NOTSET)
@@ -180,8 +185,9 @@ def _ort_calibration_method(method: str):
 
 
 def quantize_static(src: Path, dst: Path, images: np.ndarray, opts: Int8Options, method: str,
-                    for_tensorrt: bool, batch: int) -> dict[str, Any]:
-    """ONNX Runtime static QDQ quantization of ``src``'s MatMul/Gemm nodes into ``dst``."""
+                    for_tensorrt: bool, batch: int, fp32_ops: list[str] = ()) -> dict[str, Any]:
+    """ONNX Runtime static QDQ quantization of ``src``'s MatMul/Gemm nodes into ``dst``; for TensorRT the
+    result is FP16 outside the Q/DQ except ``fp32_ops``."""
     from onnxruntime.quantization import QuantFormat, QuantType
     from onnxruntime.quantization import quantize_static as ort_static
 
@@ -205,6 +211,8 @@ def quantize_static(src: Path, dst: Path, images: np.ndarray, opts: Int8Options,
         named.unlink(missing_ok=True)
         for leftover in dst.parent.glob("augmented_model*.onnx"):
             leftover.unlink()
+    if for_tensorrt:
+        onnx_export.to_fp16(dst, dst, list(fp32_ops))
     return {"method": "onnxruntime-static-qdq", "quantized_nodes": len(nodes),
             "activations": "int8-symmetric" if for_tensorrt else "uint8", "per_channel": opts.per_channel}
 
@@ -234,31 +242,57 @@ def modelopt_available() -> bool:
     return True
 
 
-def quantize_modelopt(src: Path, dst: Path, images: np.ndarray, opts: Int8Options, method: str) -> dict[str, Any]:
-    """nvidia-modelopt ONNX INT8 quantization (TensorRT's Q/DQ placement rules), LayerNorm/Softmax/Add
-    excluded, attention BMMs quantized only when the profile asks for it."""
+@contextlib.contextmanager
+def _ort_restored() -> Iterator[None]:
+    """Undo ModelOpt's in-place patches of ONNX Runtime's calibrators and quantizers
+    (``modelopt.onnx.quantization.ort_patching``) once it is done, so ORT's own static quantization still works in
+    this process (after a ModelOpt export it fails on tensors ModelOpt's calibrator skipped)."""
+    import inspect
+
+    from onnxruntime.quantization import base_quantizer, calibrate, qdq_quantizer, quantize
+
+    owners = [owner for module in (calibrate, base_quantizer, qdq_quantizer, quantize)
+              for owner in (module, *(c for _, c in inspect.getmembers(module, inspect.isclass)))]
+    saved = [(owner, dict(vars(owner))) for owner in owners]
+    try:
+        yield
+    finally:
+        for owner, attrs in saved:
+            for name, value in attrs.items():
+                if vars(owner).get(name) is not value:
+                    setattr(owner, name, value)
+
+
+def quantize_modelopt(src: Path, dst: Path, images: np.ndarray, opts: Int8Options, method: str,
+                      fp32_ops: list[str] = ()) -> dict[str, Any]:
+    """nvidia-modelopt ONNX INT8 quantization (TensorRT's Q/DQ placement rules, its MHA pattern when the profile
+    quantizes attention), LayerNorm/Softmax/Add excluded, FP16 outside Q/DQ except ``fp32_ops``; calibration on
+    the CPU."""
     from modelopt.onnx.quantization import quantize
 
-    quantize(str(src), quantize_mode="int8", calibration_data=images,
-             calibration_method="max" if method == "minmax" else "entropy",
-             op_types_to_quantize=opts.ops, op_types_to_exclude=opts.high_precision_ops,
-             disable_mha_qdq=not opts.quantize_attention_matmuls, high_precision_dtype="fp32",
-             calibration_eps=["cpu"], output_path=str(dst))
+    with _quiet(), _ort_restored():
+        quantize(str(src), quantize_mode="int8", calibration_data=images,
+                 calibration_method="max" if method == "minmax" else "entropy",
+                 op_types_to_quantize=opts.ops, op_types_to_exclude=opts.high_precision_ops,
+                 op_types_to_exclude_fp16=list(fp32_ops) or None,
+                 disable_mha_qdq=not opts.quantize_attention_matmuls, high_precision_dtype="fp16",
+                 calibration_eps=["cpu"], log_level="WARNING", output_path=str(dst))
     quantized = int8_nodes(onnx.load(str(dst), load_external_data=False).graph)
     return {"method": "modelopt-int8", "quantized_nodes": len(quantized), "per_channel": True}
 
 
 def quantize_graph(src: Path, dst: Path, images: np.ndarray, opts: Int8Options, method: str, runtime: str,
-                   batch: int) -> dict[str, Any]:
-    """Write the INT8 graph ``dst`` from the fp32 ``src`` with the profile's quantizer; returns what ran."""
+                   batch: int, fp32_ops: list[str] = ()) -> dict[str, Any]:
+    """Write the INT8 graph ``dst`` from the fp32 ``src`` with the profile's quantizer; returns what ran.
+    TensorRT graphs are FP16 outside their Q/DQ except the op types ``fp32_ops``."""
     if opts.quantizer == "dynamic":
         return quantize_dynamic(src, dst, opts)
     if opts.quantizer == "modelopt":
         if modelopt_available():
-            return quantize_modelopt(src, dst, images, opts, method)
+            return quantize_modelopt(src, dst, images, opts, method, fp32_ops)
         log.info("nvidia-modelopt is not installed (pip install 'edgevit[quant]'); using ORT static Q/DQ "
                  "restricted to %s", "/".join(opts.ops))
-    info = quantize_static(src, dst, images, opts, method, runtime == "tensorrt", batch)
+    info = quantize_static(src, dst, images, opts, method, runtime == "tensorrt", batch, fp32_ops)
     if opts.quantizer == "modelopt":
         info["fallback_from"] = "modelopt"
     return info

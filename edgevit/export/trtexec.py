@@ -72,6 +72,6 @@ def build_script(profile: Profile, plans: dict[int, dict[str, Any]], input_name:
             lines += [f"{'if' if i == 0 else 'elif'} {test}; then", f'  {command} "$@"']
         lines.append("fi")
     lines += ["# The Triton repository's model version serves this engine (a hard link, or a copy).",
-              'for d in triton/*/1; do [ -d "$d" ] && { ln -f "$ENGINE" "$d/model.plan" 2>/dev/null || '
-              'cp "$ENGINE" "$d/model.plan"; }; done']
+              'for d in triton/*/1; do if [ -d "$d" ]; then ln -f "$ENGINE" "$d/model.plan" 2>/dev/null || '
+              'cp "$ENGINE" "$d/model.plan"; fi; done']
     return "\n".join(lines) + "\n"

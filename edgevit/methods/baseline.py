@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -133,10 +134,12 @@ def train_baseline(
     ref = data_ref(data, classes)
     meta = BundleMeta(base=BaseArch(name=model_name, kwargs=kwargs), preprocessing=pre, classes=classes,
                       data=ref)
-    train_set = load_split(data, "train", pre, ref.classes, augment=augment or Augment())
+    augment = augment or Augment()
+    train_set = load_split(data, "train", pre, ref.classes, augment=augment)
     val_set = load_split(data, "val", pre, ref.classes)
     result = fit(model, train_set, cfg, out, val_set=val_set, resume=resume, description="baseline")
     if is_main_process():
         weights = "timm-pretrained" if pretrained else str(init) if init else None
-        finish_run(out, model, meta, "baseline", None, cfg, result, init=weights)
+        folder_augment = None if data == DIGITS else asdict(augment)  # digits are augmented by cfg.augment
+        finish_run(out, model, meta, "baseline", None, cfg, result, init=weights, augment=folder_augment)
     return out

@@ -53,7 +53,6 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from edgevit.data import classifier_classes, data_ref, fraction_subset, load_ref, load_split
-from edgevit.data.transforms import default_preprocessing
 from edgevit.errors import EdgeVitError
 from edgevit.train import TrainConfig, evaluate, fit, is_main_process
 from edgevit.train.loop import CHECKPOINT, load_checkpoint
@@ -310,10 +309,9 @@ def train_transfer(
     teacher, teacher_meta = load_bundle(teacher_dir)
     classes = classifier_classes(data, classes)
     name, kwargs = student_arch(teacher_meta, model_name, img_size, arch, len(classes))
-    pre = default_preprocessing(kwargs["img_size"], teacher_meta.preprocessing.channels)
-    if (pre.mean, pre.std) != (teacher_meta.preprocessing.mean, teacher_meta.preprocessing.std):
-        raise EdgeVitError(f"the teacher normalises with mean {teacher_meta.preprocessing.mean} and std "
-                           f"{teacher_meta.preprocessing.std}; the student would see differently normalised images")
+    # Teacher and student read the same batch: the student keeps the teacher's normalisation, interpolation and
+    # crop (a pretrained teacher's own), at its own input side.
+    pre = teacher_meta.preprocessing.model_copy(update={"size": kwargs["img_size"]})
     torch.manual_seed(train_cfg.seed)
     model = TransferStudent(create_vit(name, **kwargs), teacher, cfg)
     meta = BundleMeta(base=BaseArch(name=name, kwargs=kwargs), preprocessing=pre, classes=classes,

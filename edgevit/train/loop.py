@@ -2,8 +2,15 @@
 
 AdamW with linear warm-up and cosine decay, label smoothing, AMP on CUDA, a checkpoint after every epoch
 (``checkpoint.pt``: model, optimizer, epoch, step, history) from which ``resume=True`` continues after a
-kill, a progress bar, seeded data order and augmentation (a resumed run replays the same batches), and
-DistributedDataParallel when started under ``torchrun`` (gloo on CPU, NCCL on GPU).
+kill, a progress bar, seeded data order and augmentation (a resumed run replays the same batches), optional
+mixup/cutmix (timm's ``Mixup`` with ``SoftTargetCrossEntropy``), and DistributedDataParallel when started
+under ``torchrun`` (gloo on CPU, NCCL on GPU).
+
+The training DataLoader is built once per run with persistent workers: :class:`EpochBatches` yields each epoch's
+seeded batches after ``set_epoch`` (as ``DistributedSampler`` does), and every image is augmented from its own
+seed (:class:`SeededItems`), so an image's augmentation depends on the seed, epoch and position only, never
+on which worker draws it or on how many epochs that worker has already run: a resumed run replays the same
+augmented batches.
 
 Methods customise training through ``loss_fn(model, images, labels) -> (loss, logits)`` and by passing
 a module that holds everything trainable (frozen parts simply have ``requires_grad=False``).
@@ -15,17 +22,18 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from edgevit.data.sampling import class_balanced_weights, class_counts
 from edgevit.errors import EdgeVitError
@@ -57,6 +65,10 @@ class TrainConfig:
             sources such as digits are read in the training process).
         balance: draw each epoch's images with replacement, weighted by the inverse of their class's count,
             so rare classes (defects) are seen as often as common ones.
+        mixup: timm ``Mixup`` alpha for mixup (0: off); the default loss becomes soft-target cross-entropy
+            with ``label_smoothing`` folded into the mixed targets (the training top-1 is then measured on
+            mixed images).
+        cutmix: timm ``Mixup`` alpha for cutmix (0: off); with both on, each batch picks one (p 0.5).
     """
 
     epochs: int = 30
@@ -71,6 +83,8 @@ class TrainConfig:
     seed: int = 0
     workers: int = 2
     balance: bool = False
+    mixup: float = 0.0
+    cutmix: float = 0.0
 
 
 @dataclass
@@ -87,6 +101,38 @@ def cross_entropy_loss(label_smoothing: float) -> LossFn:
         return F.cross_entropy(logits, labels, label_smoothing=label_smoothing), logits
 
     return loss_fn
+
+
+def soft_target_loss() -> LossFn:
+    """timm's ``SoftTargetCrossEntropy`` on mixed targets (``N x classes`` probabilities)."""
+    from timm.loss import SoftTargetCrossEntropy
+
+    criterion = SoftTargetCrossEntropy()
+
+    def loss_fn(model: nn.Module, images: torch.Tensor, targets: torch.Tensor):
+        logits = model(images)
+        return criterion(logits, targets), logits
+
+    return loss_fn
+
+
+def batch_mixer(cfg: TrainConfig, num_classes: int, per_rank_batch: int):
+    """timm's ``Mixup`` for ``cfg`` (None when mixup and cutmix are off). It draws from numpy's global
+    generator, which :func:`fit` seeds before every batch from the epoch seed and step, so that a resumed run
+    mixes the same pairs with the same weights."""
+    if cfg.mixup < 0 or cfg.cutmix < 0:
+        raise EdgeVitError(f"--mixup and --cutmix take alphas >= 0, got {cfg.mixup} and {cfg.cutmix}")
+    if not (cfg.mixup or cfg.cutmix):
+        return None
+    if num_classes < 2:
+        raise EdgeVitError("mixup/cutmix need a training set that names its classes")
+    if per_rank_batch % 2:
+        raise EdgeVitError(f"mixup/cutmix pair each batch with its reverse: the batch per process must be even, "
+                           f"got {per_rank_batch}")
+    from timm.data import Mixup
+
+    return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
+                 num_classes=num_classes)
 
 
 def augment_batch(images: torch.Tensor, mode: str, generator: torch.Generator) -> torch.Tensor:
@@ -149,6 +195,11 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", 0)) == 0
 
 
+def _steps(n: int, batch: int, world: int) -> int:
+    """Batches per epoch: full global batches only (at least one)."""
+    return max(1, n // (max(1, batch // world) * world))
+
+
 def _batches(n: int, batch: int, rank: int, world: int, seed: int, epoch: int,
              weights: torch.Tensor | None = None) -> list[list[int]]:
     """This rank's share of a seeded permutation (or, with ``weights``, of ``n`` seeded weighted draws with
@@ -159,8 +210,60 @@ def _batches(n: int, batch: int, rank: int, world: int, seed: int, epoch: int,
     else:
         perm = torch.multinomial(weights, n, replacement=True, generator=generator).tolist()
     per_rank = max(1, batch // world)
-    steps = max(1, n // (per_rank * world))
+    steps = _steps(n, batch, world)
     return [perm[(s * world + rank) * per_rank:(s * world + rank + 1) * per_rank] for s in range(steps)]
+
+
+class EpochBatches(Sampler[list[tuple[int, int]]]):
+    """A batch sampler over one rank's seeded batches of an epoch (:func:`_batches`); call :meth:`set_epoch`
+    before each epoch, as with ``DistributedSampler``. Yields ``(index, item seed)`` pairs for
+    :class:`SeededItems`; the item seed is a function of the run seed, epoch, rank and position.
+
+    Args:
+        n: images in the training split.
+        batch: global batch size.
+        rank: this process's rank.
+        world: number of processes.
+        seed: the run seed.
+        weights: per-image draw weights (class-balanced sampling), or None for a permutation.
+    """
+
+    def __init__(self, n: int, batch: int, rank: int, world: int, seed: int,
+                 weights: torch.Tensor | None = None) -> None:
+        self.n, self.batch, self.rank, self.world, self.seed, self.weights = n, batch, rank, world, seed, weights
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return _steps(self.n, self.batch, self.world)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        batches = _batches(self.n, self.batch, self.rank, self.world, self.seed, self.epoch, self.weights)
+        base = ((self.seed * 1_000_003 + self.epoch) * 1_009 + self.rank) * 1_000_003
+        for step, batch in enumerate(batches):
+            yield [(i, (base + step * len(batch) + slot) % 2**32) for slot, i in enumerate(batch)]
+
+
+class SeededItems(Dataset):
+    """``dataset`` indexed by ``(index, seed)``: a dataset that augments itself (timm's transforms draw from
+    python's, numpy's and torch's global generators) is seeded with ``seed`` before the item is read."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+        self.augments = _augments_itself(dataset)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, seed = key
+        if self.augments:
+            random.seed(seed)
+            np.random.seed(seed)
+            torch.manual_seed(seed)
+        return self.dataset[index]
 
 
 def _decodes_files(dataset: Dataset) -> bool:
@@ -174,16 +277,13 @@ def _augments_itself(dataset: Dataset) -> bool:
     return getattr(getattr(dataset, "dataset", dataset), "augments", False)
 
 
-def _loader(dataset: Dataset, batches: list[list[int]], workers: int, device: torch.device,
-            seed: int) -> DataLoader:
-    """The epoch's batches; file decoding and augmentation run in ``workers`` processes whose random state
-    derives from ``seed``, so a resumed run replays the same augmented batches."""
+def train_loader(dataset: Dataset, sampler: EpochBatches, workers: int, device: torch.device) -> DataLoader:
+    """The run's training loader: file decoding and augmentation in ``workers`` processes that persist across
+    epochs (no re-spawn and re-import per epoch), pinned memory on CUDA. In-memory tensor sources are read in
+    this process."""
     workers = workers if _decodes_files(dataset) else 0
-    if workers == 0 and _augments_itself(dataset):  # the transforms draw from the global generators
-        random.seed(seed)
-        torch.manual_seed(seed)
-    return DataLoader(dataset, batch_sampler=batches, num_workers=workers, pin_memory=device.type == "cuda",
-                      generator=torch.Generator().manual_seed(seed))
+    return DataLoader(SeededItems(dataset), batch_sampler=sampler, num_workers=workers,
+                      pin_memory=device.type == "cuda", persistent_workers=workers > 0)
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
@@ -260,10 +360,13 @@ def fit(
         description: label for the progress bar.
     """
     rank, world = init_distributed()
+    mixer = batch_mixer(cfg, len(getattr(train_set, "classes", [])), max(1, cfg.batch_size // world))
+    if mixer is not None and loss_fn is not None:
+        raise EdgeVitError(f"mixup/cutmix need the plain cross-entropy loss; {description} trains with its own")
+    loss_fn = loss_fn or (soft_target_loss() if mixer else cross_entropy_loss(cfg.label_smoothing))
     device = device_for_rank()
     torch.manual_seed(cfg.seed)
     model.to(device)
-    loss_fn = loss_fn or cross_entropy_loss(cfg.label_smoothing)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
     use_amp = cfg.amp and device.type == "cuda"
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
@@ -291,7 +394,9 @@ def fit(
         sampling = " (class-balanced sampling)" if cfg.balance else ""
         console.print(f"{description}: {len(train_set)} training images{sampling}; per class: "
                       + ", ".join(f"{c} {n}" for c, n in counts.items()), highlight=False, soft_wrap=True)
-    steps_per_epoch = len(_batches(len(train_set), cfg.batch_size, rank, world, cfg.seed, 0))
+    sampler = EpochBatches(len(train_set), cfg.batch_size, rank, world, cfg.seed, weights)
+    loader = train_loader(train_set, sampler, cfg.workers, device)
+    steps_per_epoch = len(sampler)
     total = steps_per_epoch * cfg.epochs
     warmup = min(total, round(cfg.warmup_epochs * steps_per_epoch))
     start = time.perf_counter()
@@ -304,15 +409,20 @@ def fit(
             train_module.train()
             epoch_seed = cfg.seed * 7919 + epoch * 31 + rank
             generator = torch.Generator().manual_seed(epoch_seed)
-            batches = _batches(len(train_set), cfg.batch_size, rank, world, cfg.seed, epoch, weights)
+            torch.manual_seed(epoch_seed)  # dropout and drop-path, if the model has them, replay on resume too
+            sampler.set_epoch(epoch)
             loss_sum, correct, seen = 0.0, 0, 0
-            for images, labels in _loader(train_set, batches, cfg.workers, device, epoch_seed):
+            for batch_index, (images, labels) in enumerate(loader):
                 images = augment_batch(images, augment, generator).to(device, non_blocking=True)
                 labels = labels.to(device, non_blocking=True)
+                targets = labels
+                if mixer is not None:
+                    np.random.seed((epoch_seed * 1_000_003 + batch_index) % 2**32)
+                    images, targets = mixer(images, labels)
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(step, total, warmup, cfg.lr)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                    loss, logits = loss_fn(train_module, images, labels)
+                    loss, logits = loss_fn(train_module, images, targets)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 if cfg.grad_clip > 0:
