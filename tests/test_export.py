@@ -198,15 +198,18 @@ def test_int8_graph_left_in_fp32_fails_the_export(digits_bundle, tmp_path, monke
 
 
 @pytest.mark.skipif(not modelopt_available(), reason="needs nvidia-modelopt (the quant extra)")
-def test_ort_static_quantization_still_works_after_modelopt(fp32_export, digits_bundle, tmp_path):
+def test_ort_static_quantization_still_works_after_modelopt(digits_bundle, tmp_path):
     """ModelOpt patches ONNX Runtime's calibrators in place; edgevit puts them back, so an ORT-placed export in
     the same process (the fallback, cpu-ort-int8, a sweep) still calibrates every tensor it needs."""
+    from edgevit.export import onnx as onnx_export
     from edgevit.export.quantize import calibration_images, quantize_modelopt, quantize_static
+    from edgevit.vit import load_bundle
 
     profile = load_profile("jetson-orin-nano-int8")
-    meta = read_meta(digits_bundle)
+    model, meta = load_bundle(digits_bundle)
     images, _ = calibration_images(profile.calibration.model_copy(update={"samples": 16}), meta)
-    src = fp32_export[0] / "model.onnx"
+    src = tmp_path / "model.onnx"  # the standard-op graph TensorRT targets export
+    onnx_export.export_onnx(model, src, torch.from_numpy(images[:1]), profile.batch_spec, profile.opset)
     quantize_modelopt(src, tmp_path / "modelopt.onnx", images, profile.int8, "minmax")
     info = quantize_static(src, tmp_path / "ort.onnx", images, profile.int8, "minmax", True, 1)
     assert info["quantized_nodes"] == 4 * 4 + 1
