@@ -50,3 +50,24 @@ def test_precision_gate_refuses_fp32_compute_beyond_the_profiles_fp32_ops():
     assert check_precision(fp32, "int8", []) == "1 MatMul/Gemm/Conv left in FP32 (first: second)"
     assert check_precision(fp32, "int8", ["MatMul"]) is None and check_precision(fp32, "fp32", []) is None
     assert check_precision(precision_report(_graph(TensorProto.FLOAT16, quantize_first=False)), "fp16", []) is None
+
+
+def test_attention_blocks_say_why_fused_attention_cannot_take_them(tmp_path):
+    """A head size of 20 is no FP16 fused-attention size (multiples of 8 in 16..256); an FP32 graph has no fused
+    attention at all. Each block reports its shape and the reason."""
+    import timm
+    import torch
+
+    from edgevit.export import onnx as onnx_export
+    from edgevit.export.profiles import BatchSpec
+
+    model = timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=4, embed_dim=40, depth=2,
+                              num_heads=2, num_classes=3, in_chans=1).eval()
+    onnx_export.export_onnx(model, tmp_path / "fp32.onnx", torch.zeros(1, 1, 16, 16), BatchSpec(min=1, opt=1, max=1))
+    onnx_export.to_fp16(tmp_path / "fp32.onnx", tmp_path / "fp16.onnx", [])
+    fp32 = precision_report(onnx.load(str(tmp_path / "fp32.onnx")))["attention"]
+    fp16 = precision_report(onnx.load(str(tmp_path / "fp16.onnx")))
+    assert [(b["fused"], b["reason"]) for b in fp32] == [(None, "matmuls run FP32/FP32")] * 2
+    assert [(b["head_size"], b["seq_len"], b["fused"]) for b in fp16["attention"]] == [(20, 17, None)] * 2
+    assert fp16["attention"][0]["reason"] == "head size 20 not a multiple of 8 in 16..256"
+    assert fp16["line"].endswith("fused attention 0/2 blocks (head size 20 not a multiple of 8 in 16..256)")

@@ -96,6 +96,20 @@ def _quantized_downstream(name: str, readers: dict[str, list[onnx.NodeProto]]) -
     return False
 
 
+def _fusion_blockers(kind: str, bmm2: onnx.NodeProto, head: int, seq: int, softmax_type: str,
+                     dequantized: set[str], readers: dict[str, list[onnx.NodeProto]]) -> list[str]:
+    """Why TensorRT's ``kind`` (INT8 or FP16) fused attention cannot take a block; empty when it can."""
+    if kind == "INT8":
+        rules = [(all(i in dequantized for i in bmm2.input[:2]), "softmax output or V not quantized"),
+                 (_quantized_downstream(bmm2.output[0], readers), "second matmul's output not quantized"),
+                 (head in INT8_MHA_HEAD_SIZES, f"head size {head} not 16/32/64"),
+                 (seq <= INT8_MHA_MAX_SEQ, f"sequence {seq} > {INT8_MHA_MAX_SEQ}")]
+    else:
+        rules = [(softmax_type == "FP16", f"softmax in {softmax_type}"),
+                 (16 <= head <= 256 and head % 8 == 0, f"head size {head} not a multiple of 8 in 16..256")]
+    return [reason for ok, reason in rules if not ok]
+
+
 def attention_blocks(graph: onnx.GraphProto, typed: dict[str, tuple[int, list[int]]],
                      precisions: dict[str, str]) -> list[dict[str, Any]]:
     """Each ``MatMul -> Softmax -> MatMul`` chain: its head size, sequence length, the precision of its matmuls
@@ -111,34 +125,25 @@ def attention_blocks(graph: onnx.GraphProto, typed: dict[str, tuple[int, list[in
         if after and after[0].op_type == "QuantizeLinear":  # softmax -> Q -> DQ -> second matmul
             out = readers[after[0].output[0]][0].output[0]
         bmm2 = next((n for n in readers.get(out, []) if n.op_type == "MatMul"), None)
-        if bmm1 is None or bmm1.op_type != "MatMul" or bmm2 is None:
-            reason = "a node sits between the first matmul and the softmax (the scale must be applied to Q or K)" \
-                if bmm1 is not None and bmm2 is not None else "not a MatMul -> Softmax -> MatMul chain"
-            blocks.append({"softmax": softmax.name, "fused": None, "reason": reason})
+        if bmm1 is None or bmm2 is None:
+            blocks.append({"softmax": softmax.name, "fused": None, "reason": "not a MatMul -> Softmax -> MatMul chain"})
+            continue
+        if bmm1.op_type != "MatMul":
+            blocks.append({"softmax": softmax.name, "fused": None, "reason": f"{bmm1.op_type} between the first matmul "
+                           "and the softmax (the scale must be applied to Q or K)"})
             continue
         q_shape = typed.get(bmm1.input[0], (0, []))[1]
         head, seq = (q_shape[-1], q_shape[-2]) if len(q_shape) >= 2 else (0, 0)
         pair = (precisions.get(bmm1.name), precisions.get(bmm2.name))
         softmax_type = NAMES.get(typed.get(softmax.output[0], (0, []))[0], "unknown")
-        block = {"name": bmm1.name.rsplit("/", 2)[0] or bmm1.name, "head_size": head, "seq_len": seq,
-                 "matmuls": list(pair), "softmax": softmax_type}
-        if pair == ("INT8", "INT8"):
-            reasons = [r for ok, r in ((all(i in dequantized for i in bmm2.input[:2]), "softmax output or V "
-                                        "not quantized"),
-                                       (_quantized_downstream(bmm2.output[0], readers), "second matmul's output "
-                                        "not quantized"),
-                                       (head in INT8_MHA_HEAD_SIZES, f"head size {head} not 16/32/64"),
-                                       (seq <= INT8_MHA_MAX_SEQ, f"sequence {seq} > {INT8_MHA_MAX_SEQ}")) if not ok]
-            fused = "INT8"
-        elif pair == ("FP16", "FP16"):
-            reasons = [r for ok, r in ((softmax_type == "FP16", f"softmax in {softmax_type}"),
-                                       (16 <= head <= 256 and head % 8 == 0, f"head size {head} not a multiple of "
-                                        "8 in 16..256")) if not ok]
-            fused = "FP16"
+        if pair in (("INT8", "INT8"), ("FP16", "FP16")):
+            kind = pair[0]
+            reasons = _fusion_blockers(kind, bmm2, head, seq, softmax_type, dequantized, readers)
         else:
-            reasons, fused = [f"matmuls run {pair[0]}/{pair[1]}"], None
-        block.update(fused=None if reasons else fused, reason="; ".join(reasons) or None)
-        blocks.append(block)
+            kind, reasons = None, [f"matmuls run {pair[0]}/{pair[1]}"]
+        blocks.append({"name": bmm1.name.rsplit("/", 2)[0] or bmm1.name, "head_size": head, "seq_len": seq,
+                       "matmuls": list(pair), "softmax": softmax_type, "fused": None if reasons else kind,
+                       "reason": "; ".join(reasons) or None})
     return blocks
 
 
