@@ -230,6 +230,14 @@ def test_bundles_load_and_export_without_methods(data_run, tmp_path):
     assert export["parity"]["passed"] and export["parity"]["top1_agreement"] == 1.0
     merged = export_bundle(data_run, "cpu-ort-fp32", tmp_path / "merged")
     assert merged["parity"]["passed"] and merged["method"] == "continual"
+    # INT8 for TensorRT: the adapter and router branches read the same tensors as LayerNorm/Add, so no Q/DQ may
+    # sit on them (whichever placer runs); the rest of the graph is FP16.
+    from edgevit.export import load_profile
+
+    profile = load_profile("jetson-orin-nano-int8")  # a 2-epoch model: the accuracy gate is not what is tested
+    profile = profile.model_copy(update={"int8": profile.int8.model_copy(update={"max_top1_drop": 1.0})})
+    int8 = export_bundle(data_run / "exact", profile, tmp_path / "int8")
+    assert int8["int8"]["quantized_nodes"] > 0 and "FP32" not in int8["graph"]["precision"]["counts"]
 
 
 def test_resume_replays_finished_tasks(data_run, digits_bundle_04):

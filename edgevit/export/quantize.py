@@ -270,13 +270,21 @@ def quantize_modelopt(src: Path, dst: Path, images: np.ndarray, opts: Int8Option
     the CPU."""
     from modelopt.onnx.quantization import quantize
 
-    with _quiet(), _ort_restored():
-        quantize(str(src), quantize_mode="int8", calibration_data=images,
-                 calibration_method="max" if method == "minmax" else "entropy",
-                 op_types_to_quantize=opts.ops, op_types_to_exclude=opts.high_precision_ops,
-                 op_types_to_exclude_fp16=list(fp32_ops) or None,
-                 disable_mha_qdq=not opts.quantize_attention_matmuls, high_precision_dtype="fp16",
-                 calibration_eps=["cpu"], log_level="WARNING", output_path=str(dst))
+    named = dst.with_suffix(".named.onnx")
+    graph = _ensure_node_names(src, named)
+    # As for the ORT placer: only nodes whose activation input is read by MatMul/Gemm alone, so no Q/DQ pair
+    # lands on a tensor a LayerNorm, Add or Reshape also reads (the DATA exact form's adapter branches).
+    nodes = _exclusive_input_nodes(graph, weight_nodes(graph, opts.ops, opts.quantize_attention_matmuls), opts.ops)
+    try:
+        with _quiet(), _ort_restored():
+            quantize(str(named), quantize_mode="int8", calibration_data=images,
+                     calibration_method="max" if method == "minmax" else "entropy",
+                     op_types_to_quantize=opts.ops, nodes_to_quantize=nodes,
+                     op_types_to_exclude=opts.high_precision_ops, op_types_to_exclude_fp16=list(fp32_ops) or None,
+                     disable_mha_qdq=not opts.quantize_attention_matmuls, high_precision_dtype="fp16",
+                     calibration_eps=["cpu"], log_level="WARNING", output_path=str(dst))
+    finally:
+        named.unlink(missing_ok=True)
     quantized = int8_nodes(onnx.load(str(dst), load_external_data=False).graph)
     return {"method": "modelopt-int8", "quantized_nodes": len(quantized), "per_channel": True}
 
