@@ -51,10 +51,8 @@ def static_qdq(src: Path, dst: Path, calib: np.ndarray, activation: str, float_o
     ``float_outputs`` the MatMul outputs stay fp32 (ORT runs MatMulIntegerToFloat)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    named = dst.with_suffix(".named.onnx")
-    graph = quantize._ensure_node_names(src, named)
-    nodes = quantize.weight_nodes(graph, MATMULS, attention_matmuls=False)
-    with quantize._quiet():
+    with quantize._named_copy(src, dst) as (named, graph), quantize._quiet():
+        nodes = quantize.weight_nodes(graph, MATMULS, attention_matmuls=False)
         quantize_static(
             str(named),
             str(dst),
@@ -68,7 +66,7 @@ def static_qdq(src: Path, dst: Path, calib: np.ndarray, activation: str, float_o
             calibrate_method=CalibrationMethod.MinMax,
             extra_options={"WeightSymmetric": True, "ActivationSymmetric": activation == "s8"},
         )
-    for leftover in [named, *dst.parent.glob("augmented_model*.onnx")]:
+    for leftover in dst.parent.glob("augmented_model*.onnx"):
         leftover.unlink(missing_ok=True)
 
 

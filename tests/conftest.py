@@ -34,6 +34,25 @@ def digits_bundle_04(tmp_path_factory):
     return train_baseline("digits", out, img_size=16, arch=TINY_ARCH, classes=list("01234"), cfg=TINY_TRAIN)
 
 
+def write_photos(root, counts: dict[str, int], size=(48, 64), noise=25.0, base=60, step=60, seed=0,
+                 dim_channel=False, quality=75):
+    """RGB JPEG class folders standing in for line photos: ``counts`` maps class -> images. Class ``c`` has
+    brightness ``base + step * c`` plus Gaussian noise, non-square (so a centre crop matters); ``dim_channel``
+    also halves channel ``c % 3`` so colour tells the classes apart. Returns ``root``."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for c, (name, n) in enumerate(counts.items()):
+        (root / name).mkdir(parents=True)
+        for i in range(n):
+            pixels = np.clip(base + step * c + rng.normal(0, noise, (*size, 3)), 0, 255).astype(np.uint8)
+            if dim_channel:
+                pixels[..., c % 3] //= 2
+            Image.fromarray(pixels).save(root / name / f"{i}.jpg", quality=quality)
+    return root
+
+
 def write_image_folder(root, classes=("bolt", "nut", "washer"), per_class=8, corrupt=True):
     """A small image folder: mixed RGB/grayscale/RGBA images of different sizes, plus junk files."""
     import numpy as np

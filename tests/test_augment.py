@@ -5,11 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from PIL import Image
+from conftest import write_photos
 
 from edgevit.cli import main
 from edgevit.data import load_split
@@ -26,14 +25,8 @@ TINY = ["--img-size", "16", "--patch-size", "8", "--embed-dim", "16", "--depth",
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory) -> Path:
     """Three classes of six 24x32 RGB JPEGs."""
-    root = tmp_path_factory.mktemp("aug") / "line"
-    rng = np.random.default_rng(0)
-    for c, name in enumerate(("dent", "good", "scratch")):
-        (root / name).mkdir(parents=True)
-        for i in range(6):
-            pixels = np.clip(60 * (c + 1) + rng.normal(0, 30, (24, 32, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(root / name / f"{i}.jpg")
-    return root
+    return write_photos(tmp_path_factory.mktemp("aug") / "line", {"dent": 6, "good": 6, "scratch": 6},
+                        size=(24, 32), noise=30)
 
 
 def test_rand_augment_and_mixup_cutmix_train_and_are_recorded(photos, tmp_path):

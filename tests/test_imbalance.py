@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from PIL import Image
+from conftest import write_photos
 
 from edgevit.bench.report import build_report
 from edgevit.bench.schema import ResultRow
@@ -26,14 +26,8 @@ TINY = ["--img-size", "32", "--patch-size", "8", "--embed-dim", "24", "--depth",
 @pytest.fixture(scope="module")
 def imbalanced(tmp_path_factory) -> Path:
     """16 'good' parts, 4 of each defect (32 px RGB JPEGs)."""
-    root = tmp_path_factory.mktemp("imb") / "line"
-    rng = np.random.default_rng(0)
-    for c, (name, n) in enumerate({"dent": 4, "good": 16, "scratch": 4}.items()):
-        (root / name).mkdir(parents=True)
-        for i in range(n):
-            pixels = np.clip(60 * (c + 1) + rng.normal(0, 20, (32, 40, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(root / name / f"{i}.jpg")
-    return root
+    return write_photos(tmp_path_factory.mktemp("imb") / "line", {"dent": 4, "good": 16, "scratch": 4},
+                        size=(32, 40), noise=20)
 
 
 def test_balanced_batches_draw_every_class_equally_and_replay():

@@ -15,7 +15,7 @@ import pytest
 import timm
 import torch
 from click.testing import CliRunner
-from PIL import Image
+from conftest import write_photos
 from safetensors.torch import save_file
 
 from edgevit.cli import main
@@ -27,20 +27,9 @@ IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 FAST = ["--img-size", "32", "--epochs", "1", "--batch-size", "4", "--workers", "0"]
 
 
-def write_photos(root: Path, classes=("good", "scratch", "dent"), per_class=6) -> Path:
-    """Non-square RGB JPEGs (so the centre crop matters), one brightness per class."""
-    rng = np.random.default_rng(0)
-    for c, name in enumerate(classes):
-        (root / name).mkdir(parents=True)
-        for i in range(per_class):
-            pixels = np.clip(60 + 60 * c + rng.normal(0, 25, (48, 64, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(root / name / f"{i}.jpg", quality=90)
-    return root
-
-
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory) -> Path:
-    return write_photos(tmp_path_factory.mktemp("line") / "line3")
+    return write_photos(tmp_path_factory.mktemp("line") / "line3", {"good": 6, "scratch": 6, "dent": 6}, quality=90)
 
 
 @pytest.fixture(scope="module")

@@ -10,11 +10,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import timm
 from click.testing import CliRunner
-from PIL import Image
+from conftest import write_photos
 from safetensors.torch import save_file
 
 from edgevit.cli import main
@@ -27,14 +26,8 @@ FAST = ["--epochs", "1", "--batch-size", "4"]
 
 def _photos(root: Path, classes: list[str], per_class: int = 5) -> str:
     """Non-square RGB JPEGs, a brightness and a dimmed channel per class."""
-    rng = np.random.default_rng(len(classes))
-    for c, name in enumerate(classes):
-        (root / name).mkdir(parents=True)
-        for i in range(per_class):
-            pixels = np.clip(50 + 45 * c + rng.normal(0, 25, (30, 40, 3)), 0, 255).astype(np.uint8)
-            pixels[..., c % 3] //= 2
-            Image.fromarray(pixels).save(root / name / f"{i}.jpg")
-    return str(root)
+    return str(write_photos(root, dict.fromkeys(classes, per_class), size=(30, 40), base=50, step=45,
+                            seed=len(classes), dim_channel=True))
 
 
 @pytest.fixture(scope="module")

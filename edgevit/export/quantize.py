@@ -169,12 +169,19 @@ def _exclusive_input_nodes(graph: onnx.ModelProto, nodes: list[str], ops: list[s
     return [name for name in nodes if readers.get(by_name[name].input[0], set()) <= set(ops)]
 
 
-def _ensure_node_names(src: Path, dst: Path) -> onnx.ModelProto:
+@contextlib.contextmanager
+def _named_copy(src: Path, dst: Path) -> Iterator[tuple[Path, onnx.ModelProto]]:
+    """``src`` with every node named (the quantizers select nodes by name), saved next to ``dst`` for the
+    duration; yields its path and graph."""
     graph = onnx.load(str(src))
     for i, node in enumerate(graph.graph.node):
         node.name = node.name or f"{node.op_type}_{i}"
-    onnx.save(graph, str(dst))
-    return graph
+    named = dst.with_suffix(".named.onnx")
+    onnx.save(graph, str(named))
+    try:
+        yield named, graph
+    finally:
+        named.unlink(missing_ok=True)
 
 
 def _ort_calibration_method(method: str):
@@ -191,26 +198,24 @@ def quantize_static(src: Path, dst: Path, images: np.ndarray, opts: Int8Options,
     from onnxruntime.quantization import QuantFormat, QuantType
     from onnxruntime.quantization import quantize_static as ort_static
 
-    named = dst.with_suffix(".named.onnx")
-    graph = _ensure_node_names(src, named)
-    nodes = weight_nodes(graph, opts.ops, opts.quantize_attention_matmuls)
-    if for_tensorrt:
-        nodes = _exclusive_input_nodes(graph, nodes, opts.ops)
     # Symmetric int8 activations for TensorRT (zero point 0); uint8 activations for ORT's u8s8 CPU kernels.
     activation = QuantType.QInt8 if for_tensorrt else QuantType.QUInt8
     extra = {"ActivationSymmetric": for_tensorrt, "WeightSymmetric": True}
     if for_tensorrt:  # Q/DQ on MatMul/Gemm inputs only: TensorRT fuses them; outputs stay high precision
         extra["OpTypesToExcludeOutputQuantization"] = list(opts.ops)
-    try:
-        with _quiet():
-            ort_static(str(named), str(dst), _Reader(graph.graph.input[0].name, images, batch),
-                       quant_format=QuantFormat.QDQ, op_types_to_quantize=opts.ops, nodes_to_quantize=nodes,
-                       per_channel=opts.per_channel, activation_type=activation, weight_type=QuantType.QInt8,
-                       calibrate_method=_ort_calibration_method(method), extra_options=extra)
-    finally:
-        named.unlink(missing_ok=True)
-        for leftover in dst.parent.glob("augmented_model*.onnx"):
-            leftover.unlink()
+    with _named_copy(src, dst) as (named, graph):
+        nodes = weight_nodes(graph, opts.ops, opts.quantize_attention_matmuls)
+        if for_tensorrt:
+            nodes = _exclusive_input_nodes(graph, nodes, opts.ops)
+        try:
+            with _quiet():
+                ort_static(str(named), str(dst), _Reader(graph.graph.input[0].name, images, batch),
+                           quant_format=QuantFormat.QDQ, op_types_to_quantize=opts.ops, nodes_to_quantize=nodes,
+                           per_channel=opts.per_channel, activation_type=activation, weight_type=QuantType.QInt8,
+                           calibrate_method=_ort_calibration_method(method), extra_options=extra)
+        finally:
+            for leftover in dst.parent.glob("augmented_model*.onnx"):
+                leftover.unlink()
     if for_tensorrt:
         onnx_export.to_fp16(dst, dst, list(fp32_ops))
     return {"method": "onnxruntime-static-qdq", "quantized_nodes": len(nodes),
@@ -222,15 +227,10 @@ def quantize_dynamic(src: Path, dst: Path, opts: Int8Options) -> dict[str, Any]:
     from onnxruntime.quantization import QuantType
     from onnxruntime.quantization import quantize_dynamic as ort_dynamic
 
-    named = dst.with_suffix(".named.onnx")
-    graph = _ensure_node_names(src, named)
-    nodes = weight_nodes(graph, opts.ops, opts.quantize_attention_matmuls)
-    try:
-        with _quiet():
-            ort_dynamic(str(named), str(dst), op_types_to_quantize=opts.ops, nodes_to_quantize=nodes,
-                        per_channel=opts.per_channel, weight_type=QuantType.QInt8)
-    finally:
-        named.unlink(missing_ok=True)
+    with _named_copy(src, dst) as (named, graph), _quiet():
+        nodes = weight_nodes(graph, opts.ops, opts.quantize_attention_matmuls)
+        ort_dynamic(str(named), str(dst), op_types_to_quantize=opts.ops, nodes_to_quantize=nodes,
+                    per_channel=opts.per_channel, weight_type=QuantType.QInt8)
     return {"method": "onnxruntime-dynamic", "quantized_nodes": len(nodes), "per_channel": opts.per_channel}
 
 
@@ -270,21 +270,17 @@ def quantize_modelopt(src: Path, dst: Path, images: np.ndarray, opts: Int8Option
     the CPU."""
     from modelopt.onnx.quantization import quantize
 
-    named = dst.with_suffix(".named.onnx")
-    graph = _ensure_node_names(src, named)
-    # As for the ORT placer: only nodes whose activation input is read by MatMul/Gemm alone, so no Q/DQ pair
-    # lands on a tensor a LayerNorm, Add or Reshape also reads (the DATA exact form's adapter branches).
-    nodes = _exclusive_input_nodes(graph, weight_nodes(graph, opts.ops, opts.quantize_attention_matmuls), opts.ops)
-    try:
-        with _quiet(), _ort_restored():
-            quantize(str(named), quantize_mode="int8", calibration_data=images,
-                     calibration_method="max" if method == "minmax" else "entropy",
-                     op_types_to_quantize=opts.ops, nodes_to_quantize=nodes,
-                     op_types_to_exclude=opts.high_precision_ops, op_types_to_exclude_fp16=list(fp32_ops) or None,
-                     disable_mha_qdq=not opts.quantize_attention_matmuls, high_precision_dtype="fp16",
-                     calibration_eps=["cpu"], log_level="WARNING", output_path=str(dst))
-    finally:
-        named.unlink(missing_ok=True)
+    with _named_copy(src, dst) as (named, graph), _quiet(), _ort_restored():
+        # As for the ORT placer: only nodes whose activation input is read by MatMul/Gemm alone, so no Q/DQ pair
+        # lands on a tensor a LayerNorm, Add or Reshape also reads (the DATA exact form's adapter branches).
+        nodes = _exclusive_input_nodes(graph, weight_nodes(graph, opts.ops, opts.quantize_attention_matmuls),
+                                       opts.ops)
+        quantize(str(named), quantize_mode="int8", calibration_data=images,
+                 calibration_method="max" if method == "minmax" else "entropy",
+                 op_types_to_quantize=opts.ops, nodes_to_quantize=nodes,
+                 op_types_to_exclude=opts.high_precision_ops, op_types_to_exclude_fp16=list(fp32_ops) or None,
+                 disable_mha_qdq=not opts.quantize_attention_matmuls, high_precision_dtype="fp16",
+                 calibration_eps=["cpu"], log_level="WARNING", output_path=str(dst))
     quantized = int8_nodes(onnx.load(str(dst), load_external_data=False).graph)
     return {"method": "modelopt-int8", "quantized_nodes": len(quantized), "per_channel": True}
 
