@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from edgevit.bench.latency import TimingConfig, ort_session, timed_runs
+from edgevit.data import split_arrays
 from edgevit.export import onnx as onnx_export
 from edgevit.export import ort_graph, quantize
 from edgevit.export.profiles import BatchSpec, Calibration, Int8Options
@@ -132,7 +133,7 @@ def main() -> None:
         bundle = args.bundle or digits_bundle(work)
         model, meta = load_bundle(bundle)
         calib = quantize.calibration_images(Calibration(samples=256), meta)[0]
-        images, labels = quantize.split_arrays(meta, "test")
+        images, labels = split_arrays(meta, "test")
         acc_paths = int8_graphs(fp32_graphs(model, images, work / "acc"), calib, work / "acc")
         top1 = {k: quantize.onnx_top1(p, images, labels, 64) for k, p in acc_paths.items()}
 

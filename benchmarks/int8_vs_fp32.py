@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from edgevit.bench.latency import interleaved_p50_ms as p50_ms
+from edgevit.data import split_arrays
 from edgevit.export import onnx as onnx_export
 from edgevit.export import quantize
 from edgevit.export.profiles import BatchSpec, Calibration, Int8Options
@@ -62,7 +63,7 @@ def main() -> None:
 
         model, meta = load_bundle(args.bundle)
         calib = quantize.calibration_images(Calibration(samples=256), meta)[0]
-        images, labels = quantize.split_arrays(meta, "test")
+        images, labels = split_arrays(meta, "test")
         (work / "digits").mkdir()
         paths = graphs(model, images[:1], calib, work / "digits")
         top1 = {k: quantize.onnx_top1(p, images, labels, 64) for k, p in paths.items()}

@@ -550,8 +550,8 @@ def build_cmd(out, as_json):
     """
     from pathlib import Path
 
+    from edgevit.export.artifacts import SCRIPT
     from edgevit.export.tensorrt import build_engine, import_tensorrt
-    from edgevit.export.trtexec import SCRIPT
 
     try:
         import_tensorrt()

@@ -18,7 +18,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from edgevit.bench.accuracy import backend_top1, split_arrays
+from edgevit.bench.accuracy import backend_top1
 from edgevit.bench.backends import onnx_precision, open_artifact, open_backend
 from edgevit.bench.device import parse_tegrastats, parse_trtexec_times, profile_device
 from edgevit.bench.flops import count_flops, count_params
@@ -26,7 +26,7 @@ from edgevit.bench.latency import TimingConfig, rotation_inputs, summarize, time
 from edgevit.bench.profile import ProfileConfig, default_label, profile_artifacts
 from edgevit.bench.schema import read_rows
 from edgevit.cli import main
-from edgevit.data import load_ref
+from edgevit.data import split_arrays
 from edgevit.errors import EdgeVitError
 from edgevit.vit import load_bundle
 from edgevit.vit.bundle import META, WEIGHTS
@@ -166,7 +166,7 @@ def test_profile_rows_ort_and_torch(export_dir, digits_bundle):
 
 def test_top1_pads_the_last_batch(export_dir):
     artifact = open_artifact(export_dir)
-    images, labels = split_arrays(load_ref(artifact.meta.data, "test", artifact.meta.preprocessing))
+    images, labels = split_arrays(artifact.meta, "test")
     backend = open_backend(artifact, "ort", threads=1)
     assert len(images) % 7 != 0
     assert backend_top1(backend, images, labels, 7) == pytest.approx(backend_top1(backend, images, labels, 1))
@@ -196,12 +196,10 @@ def test_default_label_uses_the_run_name_for_profile_dirs(export_dir, digits_bun
 
 def test_engine_for_another_gpu_is_refused(export_dir, tmp_path, monkeypatch):
     """No GPU here: TensorRT and the GPU are stood in for; the refusal path is edgevit's own."""
-    import edgevit.bench.backends as backends
     import edgevit.export.tensorrt as export_trt
 
     fake_trt = SimpleNamespace(__version__="10.3.0")
-    monkeypatch.setattr(backends, "import_tensorrt", lambda: fake_trt)
-    monkeypatch.setattr(export_trt, "import_tensorrt", lambda: fake_trt)
+    monkeypatch.setattr(export_trt, "import_tensorrt", lambda: fake_trt)  # the one import the trt backend uses
     monkeypatch.setattr(export_trt, "gpu_info", lambda: {"gpu_name": "NVIDIA H100", "compute_capability": "9.0"})
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     out = shutil.copytree(export_dir, tmp_path / "orin-fp16")

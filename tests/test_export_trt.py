@@ -238,7 +238,8 @@ def test_build_engine_sh_and_the_python_builder_agree(name, major, tmp_path, mon
     import sys
 
     from edgevit.export import tensorrt as trt_export
-    from edgevit.export.trtexec import SCRIPT, build_script
+    from edgevit.export.artifacts import SCRIPT
+    from edgevit.export.trtexec import build_script
 
     profile = load_profile(name)
     deploy = "model.int8.onnx" if profile.precision == "int8" else "model.onnx"

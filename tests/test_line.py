@@ -311,7 +311,7 @@ def test_per_channel_std_writes_the_nearest_scalar_with_a_measured_warning(image
     assert [float(o) for o in props["offsets"].split(";")] == pytest.approx([255 * m for m in IMAGENET["mean"]])
 
     # the recorded cost is what the graph does with nvinfer's preprocessing, recomputed independently
-    from edgevit.export.quantize import split_arrays
+    from edgevit.data import split_arrays
     from edgevit.vit import read_meta
 
     images, _ = split_arrays(read_meta(tmp_path / "bundle"), "val", limit=64)

@@ -19,12 +19,12 @@ from PIL import Image
 
 from edgevit import Predictor
 from edgevit.cli import main
+from edgevit.data import split_arrays
 from edgevit.errors import EdgeVitError
 from edgevit.export import deepstream, export_bundle, preprocess
 from edgevit.export import onnx as onnx_export
 from edgevit.export.checks import run_onnx
 from edgevit.export.profiles import InputSpec, load_profile, parse_profile
-from edgevit.export.quantize import split_arrays
 from edgevit.vit import load_bundle, read_meta, save_bundle
 
 REPO = Path(__file__).resolve().parents[1]

@@ -68,15 +68,14 @@ def test_init_with_a_timm_checkpoint_records_its_preprocessing(deit_run, photos,
 
 
 def test_one_image_same_tensor_through_training_eval_export_parity_and_jetson(deit_run, tmp_path):
-    from edgevit.data import load_ref
-    from edgevit.export import quantize
+    from edgevit.data import load_ref, split_arrays
     from edgevit.export.pipeline import export_bundle
 
     meta = read_meta(deit_run)
     val = load_ref(meta.data, "val", meta.preprocessing)
     path = val.files[0]
     training_eval = val[0][0].numpy()
-    parity_images, _ = quantize.split_arrays(meta, "val")  # what the export's parity check runs on
+    parity_images, _ = split_arrays(meta, "val")  # what the export's parity check runs on
     export = export_bundle(deit_run, "cpu-ort-fp32", tmp_path / "export")
     sys.path.insert(0, str(REPO / "jetson"))
     try:

@@ -3,19 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-from torch.utils.data import DataLoader, Dataset
 
 from edgevit.bench.backends import Backend
-
-
-def split_arrays(dataset: Dataset) -> tuple[np.ndarray, np.ndarray]:
-    """All images (float32 N x C x H x W) and labels of ``dataset``, decoded once, before anything is
-    measured (so decoding neither costs time nor shows up as the backend's memory)."""
-    images, labels = [], []
-    for x, y in DataLoader(dataset, batch_size=256):
-        images.append(x.numpy())
-        labels.append(y.numpy())
-    return np.concatenate(images).astype(np.float32), np.concatenate(labels)
 
 
 def backend_top1(backend: Backend, images: np.ndarray, labels: np.ndarray, batch: int) -> float:

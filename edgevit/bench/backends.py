@@ -8,26 +8,38 @@ one runtime behind the same four calls, so timing and accuracy code is shared:
 - ``ort``: ``export.json``'s ``deploy_onnx`` in ONNX Runtime on CPU;
 - ``trt``: ``engine.plan`` in TensorRT (imported lazily; an engine built for another GPU, TensorRT or graph is
   refused by :func:`edgevit.export.tensorrt.check_engine_compatible`).
+
+Backends live in the registry :data:`BACKENDS` (as graph edits live in :data:`edgevit.vit.SURGERY`): a new
+runtime is one :class:`Backend` subclass decorated with ``@register("name")``; ``edgevit profile --backend``,
+``edgevit predict --backend`` and :func:`open_backend` take every registered name.
+
+Export directories are read through :mod:`edgevit.export.artifacts`, the module ``edgevit export`` writes them
+with.
 """
 
 from __future__ import annotations
 
-import json
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
-from edgevit.bench.latency import CudaEventTimer, Timer, WallTimer, ort_session
+from edgevit.bench.latency import CudaEventTimer, Timer, WallTimer
 from edgevit.errors import EdgeVitError
+from edgevit.export.artifacts import (
+    BUNDLE_DIR,
+    ENGINE,
+    ENGINE_JSON,
+    EXPORT_JSON,
+    FP32_ONNX,
+    is_export_dir,
+    ort_session,
+    read_export,
+)
 from edgevit.vit.bundle import META, WEIGHTS, BundleMeta, read_meta
-
-BACKENDS = ("torch", "ort", "trt")
-EXPORT_JSON = "export.json"
-ENGINE = "engine.plan"
-ENGINE_JSON = "engine.json"
 
 
 @dataclass(frozen=True)
@@ -56,7 +68,7 @@ class Artifact:
         if self.export is None:
             raise EdgeVitError(f"{self.path} is a bundle, not an export directory; run `edgevit export` first "
                                "or profile it with --backend torch")
-        path = self.path / str(self.export.get("deploy_onnx", "model.onnx"))
+        path = self.path / str(self.export.get("deploy_onnx", FP32_ONNX))
         if not path.is_file():
             raise EdgeVitError(f"{path} is missing (export.json names it as deploy_onnx)")
         return path
@@ -79,14 +91,9 @@ def open_artifact(path: str | Path) -> Artifact:
     path = Path(path)
     if not path.exists():
         raise EdgeVitError(f"artifact {path} does not exist")
-    if (path / EXPORT_JSON).is_file():
-        try:
-            export = json.loads((path / EXPORT_JSON).read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise EdgeVitError(f"{path / EXPORT_JSON} is not valid JSON: {err}") from None
-        if not isinstance(export, dict) or export.get("schema_version") != 1:
-            raise EdgeVitError(f"{path / EXPORT_JSON}: schema_version must be 1")
-        return Artifact(path, path / "bundle", read_meta(path / "bundle"), export)
+    if is_export_dir(path):
+        export = read_export(path)
+        return Artifact(path, path / BUNDLE_DIR, read_meta(path / BUNDLE_DIR), export)
     if (path / META).is_file():
         return Artifact(path, path, read_meta(path), None)
     raise EdgeVitError(f"{path} is neither an export directory ({EXPORT_JSON}) nor a bundle ({META})")
@@ -94,14 +101,27 @@ def open_artifact(path: str | Path) -> Artifact:
 
 class Backend(ABC):
     """One runtime executing one artifact. ``to_native`` runs outside the timed region; ``infer`` is one
-    synchronous inference (its result is ready when the timer reads the clock)."""
+    synchronous inference (its result is ready when the timer reads the clock).
 
-    name: str
+    A subclass is constructed as ``cls(artifact, threads, device)`` after :meth:`check` passed, with ``device``
+    from :meth:`resolve_device`."""
+
+    name: ClassVar[str]  # set by @register
     precision: str
     measured_files: list[Path]
     timer: type[Timer] = WallTimer
     # Device memory the runtime allocates outside torch's allocator (TensorRT activations), in MB.
     private_memory_mb: float = 0.0
+
+    @classmethod  # noqa: B027 (a backend with nothing to check keeps this)
+    def check(cls, artifact: Artifact) -> None:
+        """Raise :class:`EdgeVitError` if this backend cannot run ``artifact`` here (not installed, file
+        missing, engine for another machine); called before any time is spent measuring."""
+
+    @staticmethod
+    def resolve_device(requested: str | None) -> str:
+        """The device this backend runs on, given ``--device`` (``None``: not given)."""
+        return "cpu"
 
     @abstractmethod
     def to_native(self, x: np.ndarray) -> Any:
@@ -119,13 +139,35 @@ class Backend(ABC):
         """Raise if this artifact cannot run ``batch`` images at once."""
 
 
+BACKENDS: dict[str, type[Backend]] = {}
+
+
+def register(name: str) -> Callable[[type[Backend]], type[Backend]]:
+    """Register a :class:`Backend` subclass as the profiling backend ``name``."""
+
+    def wrap(cls: type[Backend]) -> type[Backend]:
+        if name in BACKENDS:
+            raise ValueError(f"backend {name!r} registered twice")
+        cls.name = name
+        BACKENDS[name] = cls
+        return cls
+
+    return wrap
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@register("torch")
 class TorchBackend(Backend):
     """The bundle's graph in PyTorch fp32 (CUDA when ``device`` says so)."""
 
-    name = "torch"
     precision = "fp32"
 
-    def __init__(self, artifact: Artifact, threads: int, device: str = "cpu") -> None:
+    def __init__(self, artifact: Artifact, threads: int, device: str) -> None:
         import torch
 
         from edgevit.vit import load_bundle
@@ -135,6 +177,10 @@ class TorchBackend(Backend):
         self.model = load_bundle(artifact.bundle_dir)[0].to(device)
         self.measured_files = [artifact.bundle_dir / WEIGHTS]
         self.timer = CudaEventTimer if device.startswith("cuda") else WallTimer
+
+    @staticmethod
+    def resolve_device(requested: str | None) -> str:
+        return requested or default_device()
 
     def to_native(self, x: np.ndarray):
         import torch
@@ -151,18 +197,25 @@ class TorchBackend(Backend):
         return output.float().cpu().numpy()
 
 
+@register("ort")
 class OrtBackend(Backend):
     """``deploy_onnx`` in ONNX Runtime on CPU with ``threads`` intra-op threads."""
 
-    name = "ort"
-
-    def __init__(self, artifact: Artifact, threads: int) -> None:
+    def __init__(self, artifact: Artifact, threads: int, device: str) -> None:
         path = artifact.deploy_onnx
         self.session = ort_session(path, threads)
         self.input = self.session.get_inputs()[0]
         self.precision = onnx_precision(path)
         self.measured_files = [path]
         self.graph_input = artifact.graph_input
+
+    @classmethod
+    def check(cls, artifact: Artifact) -> None:
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            raise EdgeVitError("the ort backend needs onnxruntime, which is not installed") from None
+        artifact.deploy_onnx  # noqa: B018 (raises when missing)
 
     def check_batch(self, batch: int) -> None:
         fixed = self.input.shape[0]
@@ -194,17 +247,17 @@ def onnx_precision(path: Path) -> str:
     return "fp32"
 
 
+@register("trt")
 class TrtBackend(Backend):
     """``engine.plan`` in TensorRT 10+ (tensor-address API), I/O buffers in torch CUDA memory."""
 
-    name = "trt"
     timer = CudaEventTimer
 
-    def __init__(self, artifact: Artifact) -> None:
-        from edgevit.export.tensorrt import load_engine
+    def __init__(self, artifact: Artifact, threads: int, device: str) -> None:
+        from edgevit.export import tensorrt as export_trt
 
-        trt = import_tensorrt()
-        self.engine = load_engine(artifact.path)  # refuses an engine for another GPU / TensorRT / graph
+        trt = export_trt.import_tensorrt()
+        self.engine = export_trt.load_engine(artifact.path)  # refuses an engine for another GPU / TensorRT / graph
         self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.input = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
@@ -217,6 +270,23 @@ class TrtBackend(Backend):
         size = getattr(self.engine, "device_memory_size_v2", None) or self.engine.device_memory_size
         self.private_memory_mb = size / 2**20
         self._outputs: dict[int, Any] = {}
+
+    @classmethod
+    def check(cls, artifact: Artifact) -> None:
+        import torch
+
+        from edgevit.export import tensorrt as export_trt
+
+        if not (artifact.path / ENGINE).is_file():
+            raise EdgeVitError(f"{artifact.path} has no {ENGINE}; run `edgevit build {artifact.path}` on the target")
+        export_trt.import_tensorrt()
+        if not torch.cuda.is_available():
+            raise EdgeVitError("the trt backend needs a CUDA GPU; none is visible")
+        export_trt.check_engine_compatible(artifact.path / ENGINE_JSON)
+
+    @staticmethod
+    def resolve_device(requested: str | None) -> str:
+        return "cuda"
 
     def check_batch(self, batch: int) -> None:
         lo, _, hi = self.engine.get_tensor_profile_shape(self.input, 0)
@@ -247,15 +317,6 @@ class TrtBackend(Backend):
         return output.float().cpu().numpy()
 
 
-def import_tensorrt():
-    try:
-        import tensorrt
-    except ImportError:
-        raise EdgeVitError("the trt backend needs TensorRT, which is not installed "
-                           "(pip install 'edgevit[trt]' on a machine with an NVIDIA GPU)") from None
-    return tensorrt
-
-
 def _torch_dtype(trt_dtype):
     import tensorrt as trt
     import torch
@@ -264,35 +325,17 @@ def _torch_dtype(trt_dtype):
             trt.int32: torch.int32, trt.bfloat16: torch.bfloat16, trt.uint8: torch.uint8}[trt_dtype]
 
 
-def default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
+def backend_class(name: str) -> type[Backend]:
+    """The registered backend ``name``; an unknown name is one clear error listing the registered ones."""
+    if name not in BACKENDS:
+        raise EdgeVitError(f"unknown backend {name!r} (choose from {', '.join(BACKENDS)})")
+    return BACKENDS[name]
 
 
 def check_backend(artifact: Artifact, name: str) -> None:
     """Everything that would stop backend ``name`` from running ``artifact``, checked before any time is
     spent measuring: the backend exists and is installed, its file is there, an engine fits this machine."""
-    if name not in BACKENDS:
-        raise EdgeVitError(f"unknown backend {name!r} (choose from {', '.join(BACKENDS)})")
-    if name == "ort":
-        try:
-            import onnxruntime  # noqa: F401
-        except ImportError:
-            raise EdgeVitError("the ort backend needs onnxruntime, which is not installed") from None
-        artifact.deploy_onnx  # noqa: B018 (raises when missing)
-    if name == "trt":
-        import torch
-
-        from edgevit.export.tensorrt import check_engine_compatible
-
-        engine_path = artifact.path / ENGINE
-        if not engine_path.is_file():
-            raise EdgeVitError(f"{artifact.path} has no {ENGINE}; run `edgevit build {artifact.path}` on the target")
-        import_tensorrt()
-        if not torch.cuda.is_available():
-            raise EdgeVitError("the trt backend needs a CUDA GPU; none is visible")
-        check_engine_compatible(artifact.path / ENGINE_JSON)
+    backend_class(name).check(artifact)
 
 
 def open_backend(artifact: Artifact, name: str, threads: int, device: str | None = None) -> Backend:
@@ -300,13 +343,10 @@ def open_backend(artifact: Artifact, name: str, threads: int, device: str | None
 
     Args:
         artifact: what to run.
-        name: ``torch``, ``ort`` or ``trt``.
+        name: a registered backend (:data:`BACKENDS`: ``torch``, ``ort``, ``trt``).
         threads: CPU threads (torch intra-op threads / ORT intra-op threads).
         device: the torch backend's device (default: CUDA when available).
     """
-    check_backend(artifact, name)
-    if name == "torch":
-        return TorchBackend(artifact, threads, device or default_device())
-    if name == "ort":
-        return OrtBackend(artifact, threads)
-    return TrtBackend(artifact)
+    cls = backend_class(name)
+    cls.check(artifact)
+    return cls(artifact, threads, cls.resolve_device(device))

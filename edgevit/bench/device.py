@@ -135,8 +135,9 @@ def profile_device(times_path: str | Path, artifact: str | Path | None = None, t
         label: plot label (default: as ``edgevit profile`` names the artifact).
         rail: tegrastats rail to average (default: the board input).
     """
-    from edgevit.bench.backends import ENGINE, open_artifact
+    from edgevit.bench.backends import open_artifact
     from edgevit.bench.profile import artifact_fields, default_label
+    from edgevit.export.artifacts import ENGINE
 
     times = parse_trtexec_times(times_path, metric)
     power = parse_tegrastats(tegrastats, rail) if tegrastats else None

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from edgevit.bench.schema import Latency
+from edgevit.export.artifacts import ort_session
 
 # Below this many timed iterations p99 is just the maximum; a time budget never stops earlier.
 MIN_ITERATIONS = 20
@@ -118,32 +119,6 @@ class CudaEventTimer(Timer):
         self.end.record()
         self.end.synchronize()
         return self.start.elapsed_time(self.end)
-
-
-def ort_session(path: str | Path, threads: int, optimization: str = "all", config: dict[str, str] | None = None):
-    """An ONNX Runtime CPU session pinned to ``threads`` intra-op threads, sequential execution.
-
-    Args:
-        path: the ONNX file.
-        threads: intra-op threads (the only parallelism; inter-op is 1 so the count is what it says).
-        optimization: graph optimisation level: ``disable``, ``basic``, ``extended`` or ``all``.
-        config: session config entries, e.g. ``{"session.intra_op.allow_spinning": "0"}``.
-    """
-    import onnxruntime as ort
-
-    levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-              "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-              "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = levels[optimization]
-    opts.log_severity_level = 3
-    for key, value in (config or {}).items():
-        opts.add_session_config_entry(key, value)
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
 def time_onnx(path: str | Path, inputs: Sequence[np.ndarray], threads: int, cfg: TimingConfig = TimingConfig(),

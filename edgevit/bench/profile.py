@@ -18,12 +18,12 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from edgevit.bench.accuracy import backend_top1, split_arrays
-from edgevit.bench.backends import BACKENDS, Artifact, check_backend, default_device, open_artifact, open_backend
+from edgevit.bench.accuracy import backend_top1
+from edgevit.bench.backends import Artifact, backend_class, open_artifact, open_backend
 from edgevit.bench.flops import count_params, gflops_per_image
 from edgevit.bench.latency import TimingConfig, rotation_inputs, time_loop
 from edgevit.bench.schema import ResultRow, machine_info
-from edgevit.data import load_ref
+from edgevit.data import split_arrays
 from edgevit.errors import EdgeVitError
 from edgevit.vit import load_bundle
 
@@ -136,16 +136,15 @@ def profile_artifacts(paths: Sequence[str | Path], cfg: ProfileConfig, labels: S
         labels: one plot label per path (default :func:`default_label`).
         show_progress: draw a progress bar on stderr.
     """
-    if cfg.backend not in BACKENDS:
-        raise EdgeVitError(f"unknown backend {cfg.backend!r} (choose from {', '.join(BACKENDS)})")
+    backend = backend_class(cfg.backend)
     if labels is not None and len(labels) != len(paths):
         raise EdgeVitError(f"{len(labels)} labels for {len(paths)} artifacts")
     if any(b < 1 for b in cfg.batches) or cfg.threads < 1:
         raise EdgeVitError("--batch and --threads must be positive")
     artifacts = [open_artifact(p) for p in paths]
     for artifact in artifacts:  # every problem before any time is spent measuring
-        check_backend(artifact, cfg.backend)
-    device = {"torch": cfg.device or default_device(), "trt": "cuda"}.get(cfg.backend, "cpu")
+        backend.check(artifact)
+    device = backend.resolve_device(cfg.device)
     machine = machine_info(cfg.threads)
     machine["device"] = machine.get("gpu") if device.startswith("cuda") else machine["cpu"]
     rows = []
@@ -156,7 +155,7 @@ def profile_artifacts(paths: Sequence[str | Path], cfg: ProfileConfig, labels: S
         for i, artifact in enumerate(artifacts):
             static = artifact_fields(artifact)
             meta = artifact.meta
-            data = split_arrays(load_ref(meta.data, ACCURACY_SPLIT, meta.preprocessing)) if cfg.accuracy else None
+            data = split_arrays(meta, ACCURACY_SPLIT) if cfg.accuracy else None
             label = labels[i] if labels else default_label(artifact)
             for batch in cfg.batches:
                 task = progress.add_task(f"{label} {cfg.backend} b{batch}", total=cfg.timing.iterations)

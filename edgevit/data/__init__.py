@@ -8,6 +8,7 @@ from edgevit.data.datasets import (
     load_ref,
     load_split,
     source_classes,
+    split_arrays,
 )
 from edgevit.data.sampling import (
     balanced_indices,
@@ -33,4 +34,5 @@ __all__ = [
     "load_ref",
     "load_split",
     "source_classes",
+    "split_arrays",
 ]

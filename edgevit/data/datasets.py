@@ -28,7 +28,7 @@ from edgevit.data.transforms import (
     train_transform,
 )
 from edgevit.errors import EdgeVitError
-from edgevit.vit.bundle import DataRef, Preprocessing
+from edgevit.vit.bundle import BundleMeta, DataRef, Preprocessing
 
 log = logging.getLogger("edgevit")
 
@@ -262,3 +262,16 @@ def data_ref(source: str, classes: list[str] | None = None) -> DataRef:
 def load_ref(ref: DataRef, split: str, pre: Preprocessing) -> Dataset:
     """The split a bundle's :class:`DataRef` points at."""
     return load_split(ref.source, split, pre, ref.classes)
+
+
+def split_arrays(meta: BundleMeta, split: str, limit: int | None = None, seed: int = 0) -> tuple[np.ndarray,
+                                                                                                   np.ndarray]:
+    """A split of the bundle's data, preprocessed as the bundle says, as ``(images, labels)`` arrays (float32
+    ``N x C x H x W``, int64); at most ``limit`` images (drawn with ``seed``, kept in split order). Decoded
+    once, up front: the export's checks and ``edgevit profile``'s top-1 then neither decode nor time it."""
+    dataset = load_ref(meta.data, split, meta.preprocessing)
+    rows = list(range(len(dataset)))
+    if limit is not None and limit < len(rows):
+        rows = sorted(random.Random(seed).sample(rows, limit))
+    images = torch.stack([dataset[i][0] for i in rows]).numpy().astype(np.float32)
+    return images, np.array([dataset.targets[i] for i in rows])

@@ -4,7 +4,8 @@
 checks engines on the target; ``profiles`` validates the YAML profiles that drive both.
 """
 
-from edgevit.export.pipeline import EXPORT_JSON, export_bundle
+from edgevit.export.artifacts import EXPORT_JSON
+from edgevit.export.pipeline import export_bundle
 from edgevit.export.profiles import Profile, list_profiles, load_profile
 
 __all__ = ["EXPORT_JSON", "Profile", "export_bundle", "list_profiles", "load_profile"]

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from edgevit.errors import EdgeVitError
+from edgevit.export.artifacts import ort_session
 from edgevit.export.profiles import Parity
 
 STANDARD_DOMAINS = ("", "ai.onnx")
@@ -72,13 +73,7 @@ def compare(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
 
 def run_onnx(path: Path, images: np.ndarray, batch: int, threads: int = 1) -> np.ndarray:
     """Logits of an ONNX graph on ``images`` in ONNX Runtime (CPU), ``batch`` images per run."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    session = ort_session(path, threads)
     name = session.get_inputs()[0].name
     fixed = session.get_inputs()[0].shape[0]
     step = fixed if isinstance(fixed, int) and fixed > 0 else batch

@@ -34,10 +34,10 @@ from typing import Any
 import numpy as np
 
 from edgevit.errors import EdgeVitError
+from edgevit.export.artifacts import ENGINE
 from edgevit.export.checks import run_onnx
 from edgevit.export.preprocess import RANGE, spec_of
 from edgevit.export.profiles import Profile
-from edgevit.export.trtexec import ENGINE
 
 log = logging.getLogger("edgevit")
 

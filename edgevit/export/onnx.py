@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from edgevit.errors import EdgeVitError
+from edgevit.export.artifacts import ort_session
 from edgevit.export.checks import opset_of
 from edgevit.export.profiles import BatchSpec
 
@@ -106,15 +107,10 @@ def session_fusions(path: Path) -> dict[str, int]:
     """
     import tempfile
 
-    import onnxruntime as ort
-
     with tempfile.TemporaryDirectory() as tmp:
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
-        opts.log_severity_level = 3
-        ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        graph = onnx.load(opts.optimized_model_filepath)
+        optimized = Path(tmp) / "optimized.onnx"
+        ort_session(path, optimization="all", optimized_model=optimized)
+        graph = onnx.load(str(optimized))
     return {op: n for op, n in sorted(op_counts(graph).items()) if op.startswith("com.microsoft::")}
 
 

@@ -21,18 +21,18 @@ import numpy as np
 import onnx
 import torch
 
+from edgevit.data import split_arrays
 from edgevit.errors import EdgeVitError
 from edgevit.export import checks, deepstream, devicekit, ort_graph, precision, preprocess, quantize, triton
 from edgevit.export import onnx as onnx_export
+from edgevit.export.artifacts import BUNDLE_DIR, FP16_ONNX, FP32_ONNX, INT8_ONNX, SCHEMA_VERSION, SCRIPT, write_export
 from edgevit.export.profiles import InputSpec, Profile, load_profile
-from edgevit.export.tensorrt import FP16_ONNX, build_plan, sha256
-from edgevit.export.trtexec import SCRIPT, build_script
-from edgevit.vit.bundle import META, WEIGHTS, atomic_write_json, load_bundle
+from edgevit.export.tensorrt import build_plan, sha256
+from edgevit.export.trtexec import build_script
+from edgevit.vit.bundle import META, WEIGHTS, load_bundle
 
 log = logging.getLogger("edgevit")
 
-SCHEMA_VERSION = 1
-FP32_ONNX, INT8_ONNX, EXPORT_JSON = "model.onnx", "model.int8.onnx", "export.json"
 OWNER = ".owner"  # in a temporary export directory: "<host> <pid>" of the export writing it
 # Deployment targets written beside the graph: each module's ``emit(out, export, profile, parity_images)`` writes
 # its own folder and returns what export.json records under ``targets[NAME]`` (None: not for this profile).
@@ -111,12 +111,12 @@ def export_bundle(run: str | Path, profile: str | Profile, out: str | Path) -> d
 
 def _export_into(tmp: Path, run: Path, model, meta, profile: Profile, cal_images: np.ndarray | None,
                  cal_info: dict[str, Any] | None) -> dict[str, Any]:
-    (tmp / "bundle").mkdir()
+    (tmp / BUNDLE_DIR).mkdir()
     for name in (WEIGHTS, META):
-        shutil.copy2(run / name, tmp / "bundle" / name)
+        shutil.copy2(run / name, tmp / BUNDLE_DIR / name)
     batch = profile.batch_spec
     tol = profile.parity
-    images, _ = quantize.split_arrays(meta, tol.split, limit=tol.images)
+    images, _ = split_arrays(meta, tol.split, limit=tol.images)
     if len(images) < tol.images:
         log.warning("the %s split has only %d images; parity runs on those", tol.split, len(images))
     pre = meta.preprocessing
@@ -191,7 +191,7 @@ def _export_into(tmp: Path, run: Path, model, meta, profile: Profile, cal_images
     export["targets"] = {e.NAME: info for e in EMITTERS if (info := e.emit(tmp, export, profile, images)) is not None}
     (tmp / OWNER).unlink()  # finished: only the export's own files are hashed and renamed into place
     export["hashes"] = {str(p.relative_to(tmp)): sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-    atomic_write_json(tmp / EXPORT_JSON, export)
+    write_export(tmp, export)
     return export
 
 
@@ -242,7 +242,7 @@ def _accuracy(tmp: Path, meta, profile: Profile, graph: str) -> dict[str, Any]:
     eval_batch = 64 if batch.dynamic else batch.max
     result: dict[str, Any] = {"graph": graph}
     for split in ("val", "test"):
-        images, labels = quantize.split_arrays(meta, split)
+        images, labels = split_arrays(meta, split)
         images = preprocess.graph_pixels(images, preprocess.recorded(meta.preprocessing, profile.input))
         result[f"fp32_{split}_top1"] = quantize.onnx_top1(tmp / FP32_ONNX, images, labels, eval_batch)
         result[f"{label}_{split}_top1"] = quantize.onnx_top1(tmp / graph, images, labels, eval_batch)

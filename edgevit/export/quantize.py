@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import random
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -305,14 +304,3 @@ def quantize_graph(src: Path, dst: Path, images: np.ndarray, opts: Int8Options, 
 def onnx_top1(path: Path, images: np.ndarray, labels: np.ndarray, batch: int) -> float:
     """Top-1 of an ONNX graph in ONNX Runtime on preprocessed images."""
     return float(np.mean(run_onnx(path, images, batch).argmax(1) == labels))
-
-
-def split_arrays(meta: BundleMeta, split: str, limit: int | None = None, seed: int = 0) -> tuple[np.ndarray,
-                                                                                                   np.ndarray]:
-    """A split of the bundle's data as ``(images, labels)`` arrays; at most ``limit`` images (seeded)."""
-    dataset = load_ref(meta.data, split, meta.preprocessing)
-    rows = list(range(len(dataset)))
-    if limit is not None and limit < len(rows):
-        rows = sorted(random.Random(seed).sample(rows, limit))
-    images = torch.stack([dataset[i][0] for i in rows]).numpy().astype(np.float32)
-    return images, np.array([dataset.targets[i] for i in rows])

@@ -24,15 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from edgevit.errors import EdgeVitError
+from edgevit.export.artifacts import ENGINE, ENGINE_JSON, EXPORT_JSON, FP16_ONNX, SCRIPT, read_export
 from edgevit.export.profiles import Profile, parse_profile
 from edgevit.export.triton import place_engine
-from edgevit.export.trtexec import ENGINE, SCRIPT
 
 log = logging.getLogger("edgevit")
 
-ENGINE_JSON = "engine.json"
 INSPECTOR_JSON = "engine_inspector.json"
-FP16_ONNX = "model.fp16.onnx"
 
 
 def sha256(path: Path) -> str:
@@ -85,10 +83,12 @@ def check_version(profile: Profile, trt_version: str) -> None:
 
 
 def import_tensorrt():
+    """The ``tensorrt`` module, imported only when an engine is built or run; missing, one clear error."""
     try:
         import tensorrt
     except ImportError:
-        raise EdgeVitError("tensorrt is not importable here") from None
+        raise EdgeVitError("TensorRT is not installed here (pip install 'edgevit[trt]' on a machine with an "
+                           "NVIDIA GPU; JetPack ships it)") from None
     return tensorrt
 
 
@@ -116,14 +116,6 @@ def gpu_info() -> dict[str, str]:
     return {"gpu_name": name.rstrip("\x00"), "compute_capability": f"{prop.major}.{prop.minor}"}
 
 
-def read_export(out_dir: Path) -> tuple[dict[str, Any], Profile]:
-    path = out_dir / "export.json"
-    if not path.is_file():
-        raise EdgeVitError(f"{out_dir} is not an export directory (no export.json); run `edgevit export` first")
-    export = json.loads(path.read_text())
-    return export, parse_profile(export["profile"], str(path))
-
-
 def build_engine(out_dir: str | Path) -> dict[str, Any]:
     """Build ``engine.plan`` (+ engine.json, engine_inspector.json, the timing cache) in an export directory.
 
@@ -131,7 +123,8 @@ def build_engine(out_dir: str | Path) -> dict[str, Any]:
     (the caller points to ``build_engine.sh``) or when the build fails.
     """
     out_dir = Path(out_dir)
-    export, profile = read_export(out_dir)
+    export = read_export(out_dir)
+    profile = parse_profile(export["profile"], str(out_dir / EXPORT_JSON))
     if profile.runtime != "tensorrt":
         raise EdgeVitError(f"profile {profile.name} targets {profile.runtime}; there is no engine to build")
     trt = import_tensorrt()

@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from edgevit.export.artifacts import ENGINE
 from edgevit.export.profiles import Profile
-from edgevit.export.trtexec import ENGINE
 
 NAME = "triton"
 REPOSITORY = "triton"

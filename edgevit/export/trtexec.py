@@ -11,10 +11,8 @@ from __future__ import annotations
 import shlex
 from typing import Any
 
+from edgevit.export.artifacts import ENGINE
 from edgevit.export.profiles import Profile
-
-ENGINE = "engine.plan"
-SCRIPT = "build_engine.sh"
 
 
 def _shape(name: str, batch: int, dims: list[int]) -> str:
