@@ -61,6 +61,29 @@ def _arch(patch_size: int | None, embed_dim: int | None, depth: int | None, head
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+
+
+class BackendName(click.ParamType):
+    """A backend registered in :data:`edgevit.bench.backends.BACKENDS`. The registry is read only when the option
+    is parsed or its help shown (it imports torch), so ``edgevit --help`` stays instant; an unknown name is the
+    library's one-line error."""
+
+    name = "backend"
+
+    def convert(self, value, param, ctx):
+        from edgevit.bench.backends import backend_class
+
+        backend_class(value)
+        return value
+
+    def get_metavar(self, param, ctx=None) -> str:
+        from edgevit.bench.backends import BACKENDS
+
+        return "[" + "|".join(BACKENDS) + "]"
+
+
+backend_option = click.option("--backend", type=BackendName(), default="ort", show_default=True,
+                              help="Runtime (a registered profiling backend).")
 data_option = click.option("--data", required=True,
                            help="'digits' (embedded, offline) or an image folder of class sub-folders.")
 out_option = click.option("-o", "--out", required=True, type=click.Path(file_okay=False),
@@ -609,7 +632,7 @@ def profiles_show(name, as_json):
 
 @main.command("profile")
 @click.argument("artifacts", nargs=-1, required=True)
-@click.option("--backend", default="ort", show_default=True, help="torch | ort | trt.")
+@backend_option
 @click.option("--batch", "batches", default="1", show_default=True, help="Comma-separated batch sizes.")
 @click.option("--threads", default=2, show_default=True, type=int, help="CPU threads for every backend.")
 @click.option("--warmup", default=10, show_default=True, type=int, help="Untimed iterations first.")
@@ -747,7 +770,7 @@ def doctor_cmd(as_json):
 @main.command("predict")
 @click.argument("out", type=click.Path(file_okay=False))
 @click.argument("images", nargs=-1, required=True)
-@click.option("--backend", type=click.Choice(["ort", "trt", "torch"]), default="ort", show_default=True)
+@backend_option
 @click.option("--top-k", default=1, show_default=True, type=click.IntRange(min=1), help="Classes shown per image.")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Also write one row per image here.")
 @click.option("--threads", default=1, show_default=True, type=int, help="CPU threads of the runtime.")
