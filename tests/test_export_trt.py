@@ -245,7 +245,7 @@ def test_build_engine_sh_and_the_python_builder_agree(name, major, tmp_path, mon
     deploy = "model.int8.onnx" if profile.precision == "int8" else "model.onnx"
     for graph in ("model.onnx", deploy, trt_export.FP16_ONNX):
         (tmp_path / graph).write_bytes(b"graph")
-    (tmp_path / "export.json").write_text(json.dumps({"profile": profile.model_dump(mode="json"),
+    (tmp_path / "export.json").write_text(json.dumps({"schema_version": 1, "profile": profile.model_dump(mode="json"),
                                                       "deploy_onnx": deploy}))
     plans = {m: trt_export.build_plan(profile, deploy, f"{m}.0") for m in (10, 11)}
     (tmp_path / SCRIPT).write_text(build_script(profile, plans, "input", [1, 16, 16]))
