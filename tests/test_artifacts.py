@@ -24,8 +24,9 @@ def test_write_then_read_round_trips(tmp_path):
 @pytest.mark.parametrize("case, text, expected", [
     ("missing", None, "is not an export directory (no export.json)"),
     ("corrupt", '{"schema_version": 1,', "is not valid JSON"),
-    ("not-an-object", "[1]", f"schema_version must be {SCHEMA_VERSION}"),
-    ("wrong-schema", json.dumps({"schema_version": SCHEMA_VERSION + 1}), f"schema_version must be {SCHEMA_VERSION}"),
+    ("not-an-object", "[1]", f"schema_version None is not supported (expected {SCHEMA_VERSION})"),
+    ("wrong-schema", json.dumps({"schema_version": SCHEMA_VERSION + 1}),
+     f"schema_version {SCHEMA_VERSION + 1} is not supported (expected {SCHEMA_VERSION})"),
 ])
 def test_bad_export_json_is_one_error_naming_the_path(case, text, expected, tmp_path):
     out = tmp_path / case

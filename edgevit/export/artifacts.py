@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -42,17 +41,12 @@ def read_export(out_dir: str | Path) -> dict[str, Any]:
     Raises :class:`EdgeVitError` naming the user's path when the file is missing, is not JSON, or has another
     schema version.
     """
+    from edgevit.vit.bundle import read_versioned_json
+
     out_dir = Path(out_dir)
-    path = out_dir / EXPORT_JSON
-    if not path.is_file():
+    if not is_export_dir(out_dir):
         raise EdgeVitError(f"{out_dir} is not an export directory (no {EXPORT_JSON}); run `edgevit export` first")
-    try:
-        export = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise EdgeVitError(f"{path} is not valid JSON: {err}") from None
-    if not isinstance(export, dict) or export.get("schema_version") != SCHEMA_VERSION:
-        raise EdgeVitError(f"{path}: schema_version must be {SCHEMA_VERSION}")
-    return export
+    return read_versioned_json(out_dir / EXPORT_JSON, SCHEMA_VERSION)
 
 
 def write_export(out_dir: Path, export: dict[str, Any]) -> None:

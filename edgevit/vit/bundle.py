@@ -93,6 +93,19 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
+def read_versioned_json(path: Path, schema_version: int) -> dict[str, Any]:
+    """A JSON object whose ``schema_version`` is ``schema_version`` (bundle.json, export.json); not JSON or
+    another version is one :class:`EdgeVitError` naming ``path``."""
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise EdgeVitError(f"{path} is not valid JSON: {err}") from None
+    version = raw.get("schema_version") if isinstance(raw, dict) else None
+    if version != schema_version:
+        raise EdgeVitError(f"{path}: schema_version {version!r} is not supported (expected {schema_version})")
+    return raw
+
+
 def save_bundle(directory: str | Path, model: VisionTransformer, meta: BundleMeta) -> Path:
     """Write ``model`` and ``meta`` as a bundle. Weights first, ``bundle.json`` last: a bundle directory
     without ``bundle.json`` is unfinished and never loads."""
@@ -116,13 +129,7 @@ def read_meta(directory: str | Path) -> BundleMeta:
     path = Path(directory) / META
     if not path.is_file():
         raise EdgeVitError(f"{directory} is not a bundle: {META} is missing")
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise EdgeVitError(f"{path} is not valid JSON: {err}") from None
-    version = raw.get("schema_version") if isinstance(raw, dict) else None
-    if version != SCHEMA_VERSION:
-        raise EdgeVitError(f"{path}: schema_version {version!r} is not supported (expected {SCHEMA_VERSION})")
+    raw = read_versioned_json(path, SCHEMA_VERSION)
     try:
         return BundleMeta.model_validate(raw)
     except ValidationError as err:
