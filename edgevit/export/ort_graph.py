@@ -16,6 +16,9 @@ Measured with ``benchmarks/peers.py`` and ``benchmarks/int8_cpu.py`` (vit_tiny a
 ORT 1.32, interleaved; shared machine): ``attention`` 0.92-0.97x of the standard graph's latency,
 ``multihead_attention`` the same in fp32 and slower once quantized, ``skip_layernorm`` 1.07-1.10x (slower:
 ORT's CPU SkipLayerNormalization loses to LayerNormalization + Add), so only ``attention`` is on by default.
+Tried and not kept, because they did not pay at idle: Linear biases inside ``Gemm`` (Reshape + Gemm + Reshape,
+the MLP kept 2-D across its GELU: 1.00x), ORT's ``BiasGelu`` fusion disabled (1.02x), an INT8 attention
+core from standard ops (``MatMulInteger``; 1.7x the fp32 core's time, ``benchmarks/attention_core.py``).
 
 A pattern that does not match exactly (prefix K/V, memory branches, skipped sub-layers) is left as it is, so
 every rewrite computes what the original computed. Only ONNX Runtime targets get these graphs: TensorRT's
