@@ -32,8 +32,8 @@ import torch
 
 from edgevit.bench.latency import TimingConfig, ort_session, timed_runs
 from edgevit.data import split_arrays
+from edgevit.export import checks, ort_graph, quantize
 from edgevit.export import onnx as onnx_export
-from edgevit.export import ort_graph, quantize
 from edgevit.export.profiles import BatchSpec, Calibration, Int8Options
 from edgevit.vit import create_vit, load_bundle
 
@@ -135,7 +135,7 @@ def main() -> None:
         calib = quantize.calibration_images(Calibration(samples=256), meta)[0]
         images, labels = split_arrays(meta, "test")
         acc_paths = int8_graphs(fp32_graphs(model, images, work / "acc"), calib, work / "acc")
-        top1 = {k: quantize.onnx_top1(p, images, labels, 64) for k, p in acc_paths.items()}
+        top1 = {k: checks.onnx_top1(p, images, labels, 64) for k, p in acc_paths.items()}
 
         torch.manual_seed(0)
         vit = create_vit(args.model, num_classes=10).eval()

@@ -18,8 +18,8 @@ import torch
 
 from edgevit.bench.latency import interleaved_p50_ms as p50_ms
 from edgevit.data import split_arrays
+from edgevit.export import checks, quantize
 from edgevit.export import onnx as onnx_export
-from edgevit.export import quantize
 from edgevit.export.profiles import BatchSpec, Calibration, Int8Options
 from edgevit.vit import create_vit, load_bundle
 
@@ -66,7 +66,7 @@ def main() -> None:
         images, labels = split_arrays(meta, "test")
         (work / "digits").mkdir()
         paths = graphs(model, images[:1], calib, work / "digits")
-        top1 = {k: quantize.onnx_top1(p, images, labels, 64) for k, p in paths.items()}
+        top1 = {k: checks.onnx_top1(p, images, labels, 64) for k, p in paths.items()}
         report(f"{args.bundle} ({meta.base.name}, {meta.preprocessing.size} px), batch 1",
                p50_ms(paths, images[:1], args.threads, args.rounds, args.iters), top1)
 

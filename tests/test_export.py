@@ -17,8 +17,8 @@ from edgevit.cli import main
 from edgevit.data import split_arrays
 from edgevit.errors import EdgeVitError
 from edgevit.export import export_bundle, load_profile
-from edgevit.export.checks import check_standard_ops, run_onnx
-from edgevit.export.quantize import modelopt_available, onnx_top1
+from edgevit.export.checks import check_standard_ops, onnx_top1, run_onnx
+from edgevit.export.quantize import modelopt_available
 from edgevit.vit import read_meta, save_bundle
 from edgevit.vit.bundle import build_model
 

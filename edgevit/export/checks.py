@@ -11,9 +11,12 @@ import onnx
 import torch
 from torch import nn
 
+from edgevit.data import split_arrays
 from edgevit.errors import EdgeVitError
-from edgevit.export.artifacts import ort_session
-from edgevit.export.profiles import Parity
+from edgevit.export import preprocess
+from edgevit.export.artifacts import FP32_ONNX, ort_session
+from edgevit.export.profiles import Parity, Profile
+from edgevit.vit.bundle import BundleMeta
 
 STANDARD_DOMAINS = ("", "ai.onnx")
 # What a LayerNormalization looks like once an exporter decomposes it; none of it may appear next to a
@@ -109,3 +112,32 @@ def parity_error(result: dict[str, Any]) -> str:
             f"{result['max_abs_diff']:.3g} (tolerance {t['max_abs_diff']:.3g}), cosine {result['cosine']:.6f} "
             f"(min {t['min_cosine']}), top-1 agreement {result['top1_agreement']:.4f} "
             f"(min {t['min_top1_agreement']})")
+
+
+def onnx_top1(path: Path, images: np.ndarray, labels: np.ndarray, batch: int) -> float:
+    """Top-1 of an ONNX graph in ONNX Runtime on preprocessed images."""
+    return float(np.mean(run_onnx(path, images, batch).argmax(1) == labels))
+
+
+def low_precision_top1(out: Path, meta: BundleMeta, profile: Profile, graph: str) -> dict[str, Any]:
+    """Val and test top-1 of the low-precision ``graph`` in ``out`` (exactly what the runtime loads; for TensorRT
+    the FP16/INT8 graph it builds, run here by ONNX Runtime on the CPU) next to the FP32 graph's. A val drop over
+    the profile's ``max_top1_drop`` fails the export; test is recorded, never used to decide."""
+    label = profile.precision
+    max_drop = profile.int8.max_top1_drop if label == "int8" else profile.tensorrt.max_top1_drop
+    batch = profile.batch_spec
+    eval_batch = 64 if batch.dynamic else batch.max
+    result: dict[str, Any] = {"graph": graph}
+    for split in ("val", "test"):
+        images, labels = split_arrays(meta, split)
+        images = preprocess.graph_pixels(images, preprocess.recorded(meta.preprocessing, profile.input))
+        result[f"fp32_{split}_top1"] = onnx_top1(out / FP32_ONNX, images, labels, eval_batch)
+        result[f"{label}_{split}_top1"] = onnx_top1(out / graph, images, labels, eval_batch)
+        result[f"{split}_images"] = len(labels)
+    fp32, low = result["fp32_val_top1"], result[f"{label}_val_top1"]
+    result["delta"] = low - fp32
+    if fp32 - low > max_drop:
+        hint = "; try more calibration samples or another calibration method" if label == "int8" else ""
+        raise EdgeVitError(f"{label.upper()} val top-1 {low:.4f} is {fp32 - low:.4f} below FP32 {fp32:.4f} "
+                           f"(profile allows {max_drop}){hint}")
+    return result

@@ -23,12 +23,12 @@ import torch
 
 from edgevit.data import split_arrays
 from edgevit.errors import EdgeVitError
-from edgevit.export import checks, deepstream, devicekit, ort_graph, precision, preprocess, quantize, triton
+from edgevit.export import checks, deepstream, devicekit, preprocess, quantize, triton
 from edgevit.export import onnx as onnx_export
-from edgevit.export.artifacts import BUNDLE_DIR, FP16_ONNX, FP32_ONNX, INT8_ONNX, SCHEMA_VERSION, SCRIPT, write_export
+from edgevit.export.artifacts import BUNDLE_DIR, FP32_ONNX, INT8_ONNX, SCHEMA_VERSION, write_export
 from edgevit.export.profiles import InputSpec, Profile, load_profile
-from edgevit.export.tensorrt import build_plan, sha256
-from edgevit.export.trtexec import build_script
+from edgevit.export.runtimes import RUNTIMES, Runtime
+from edgevit.export.tensorrt import sha256
 from edgevit.vit.bundle import META, WEIGHTS, load_bundle
 
 log = logging.getLogger("edgevit")
@@ -139,35 +139,20 @@ def _export_into(tmp: Path, run: Path, model, meta, profile: Profile, cal_images
     graph_info: dict[str, Any] = {**slim, "layer_norms": layer_norms, "opset": checks.opset_of(graph)}
     if adapted is not None:
         graph_info["input"] = adapted
-    if profile.runtime == "tensorrt":
-        checks.check_standard_ops(graph, FP32_ONNX)
-    elif profile.ort_fusions == "transformers":
-        fused = onnx_export.transformer_fusions(tmp / FP32_ONNX, tmp / "fused.onnx", _heads(model), model.embed_dim)
-        os.replace(tmp / "fused.onnx", tmp / FP32_ONNX)
-        graph_info["transformer_fusions"] = fused
-    elif profile.ort_fusions == "session":  # ORT targets: fused com.microsoft kernels ORT does not build itself
-        graph_info["ort_rewrites"] = ort_graph.rewrite(tmp / FP32_ONNX, tmp / FP32_ONNX)
+    runtime = RUNTIMES[profile.runtime]
+    graph_info |= runtime.fp32_graph(tmp, graph, model, profile)
 
     result = checks.parity(reference, tmp / FP32_ONNX, images, tol, batch.opt if batch.dynamic else batch.max)
     if not result["passed"]:
         raise EdgeVitError(checks.parity_error(result))
 
     deploy = FP32_ONNX
-    low_precision = None  # export.json's "int8" / "fp16": the graph's accuracy next to FP32's
     if profile.precision == "int8":
-        low_precision = _quantize(tmp, meta, profile, cal_images, cal_info)
+        low_precision = _quantize(tmp, meta, profile, runtime, cal_images, cal_info)
         deploy = INT8_ONNX
-    if profile.runtime == "tensorrt" and profile.precision == "fp16":
-        onnx_export.to_fp16(tmp / FP32_ONNX, tmp / FP16_ONNX, profile.tensorrt.fp32_ops)
-        checks.check_standard_ops(onnx.load(str(tmp / FP16_ONNX)), FP16_ONNX)
-        low_precision = _accuracy(tmp, meta, profile, FP16_ONNX)
-    if profile.runtime == "onnxruntime" and profile.ort_fusions == "session":
-        graph_info["ort_session_fusions"] = onnx_export.session_fusions(tmp / deploy)
-    if profile.runtime == "tensorrt":
-        plans = {major: build_plan(profile, deploy, f"{major}.0") for major in (10, 11)}
-        (tmp / SCRIPT).write_text(build_script(profile, plans, onnx_export.INPUT, dims))
-        (tmp / SCRIPT).chmod(0o755)
-        graph_info["precision"] = _precision(tmp, model, profile, deploy)
+    else:
+        low_precision = runtime.low_precision(tmp, meta, profile)
+    graph_info |= runtime.finish(tmp, model, profile, deploy, dims)
 
     batch_dim = -1 if batch.dynamic else batch.max
     export = {
@@ -195,25 +180,7 @@ def _export_into(tmp: Path, run: Path, model, meta, profile: Profile, cal_images
     return export
 
 
-def _heads(model) -> int:
-    return next(b.attn.num_heads for b in model.blocks if hasattr(b, "attn"))
-
-
-def _precision(tmp: Path, model, profile: Profile, deploy: str) -> dict[str, Any]:
-    """The precision report of the strongly typed graph TensorRT builds (fp16 on TensorRT 10 builds model.onnx
-    with --fp16 instead, from the same weights); a graph that breaks the profile's precision, or whose LayerNorms
-    are no longer one op each (decomposed LayerNorm overflows in FP16), fails the export."""
-    typed = FP16_ONNX if profile.precision == "fp16" else deploy
-    graph = onnx.load(str(tmp / typed))
-    checks.check_layernorm(graph, model, typed)
-    report = precision.precision_report(graph)
-    problem = precision.check_precision(report, profile.precision, profile.tensorrt.fp32_ops)
-    if problem:
-        raise EdgeVitError(f"{typed} for {profile.name} is not {profile.precision} where TensorRT needs it: {problem}")
-    return {"onnx": typed, **report}
-
-
-def _quantize(tmp: Path, meta, profile: Profile, cal_images: np.ndarray | None,
+def _quantize(tmp: Path, meta, profile: Profile, runtime: Runtime, cal_images: np.ndarray | None,
               cal_info: dict[str, Any] | None) -> dict[str, Any]:
     """Write model.int8.onnx, check it fits the runtime, and compare its top-1 with fp32."""
     opts = profile.int8
@@ -225,32 +192,6 @@ def _quantize(tmp: Path, meta, profile: Profile, cal_images: np.ndarray | None,
                                    profile.tensorrt.fp32_ops if tensorrt else [])
     int8_graph = onnx.load(str(tmp / INT8_ONNX))
     onnx_export.check(int8_graph)
-    if tensorrt:
-        checks.check_standard_ops(int8_graph, INT8_ONNX)
-        info["qdq"] = checks.check_qdq_placement(int8_graph, opts.ops, INT8_ONNX)
+    info |= runtime.check_int8(int8_graph, profile)
     samples = {"samples": cal_info["samples"] if cal_info else 0, "calibration": cal_info}
-    return {**_accuracy(tmp, meta, profile, INT8_ONNX), **samples, **info}
-
-
-def _accuracy(tmp: Path, meta, profile: Profile, graph: str) -> dict[str, Any]:
-    """Val and test top-1 of the low-precision ``graph`` (exactly what the runtime loads; for TensorRT the
-    FP16/INT8 graph it builds, run here by ONNX Runtime on the CPU) next to the FP32 graph's. A val drop over the
-    profile's ``max_top1_drop`` fails the export; test is recorded, never used to decide."""
-    label = profile.precision
-    max_drop = profile.int8.max_top1_drop if label == "int8" else profile.tensorrt.max_top1_drop
-    batch = profile.batch_spec
-    eval_batch = 64 if batch.dynamic else batch.max
-    result: dict[str, Any] = {"graph": graph}
-    for split in ("val", "test"):
-        images, labels = split_arrays(meta, split)
-        images = preprocess.graph_pixels(images, preprocess.recorded(meta.preprocessing, profile.input))
-        result[f"fp32_{split}_top1"] = quantize.onnx_top1(tmp / FP32_ONNX, images, labels, eval_batch)
-        result[f"{label}_{split}_top1"] = quantize.onnx_top1(tmp / graph, images, labels, eval_batch)
-        result[f"{split}_images"] = len(labels)
-    fp32, low = result["fp32_val_top1"], result[f"{label}_val_top1"]
-    result["delta"] = low - fp32
-    if fp32 - low > max_drop:
-        hint = "; try more calibration samples or another calibration method" if label == "int8" else ""
-        raise EdgeVitError(f"{label.upper()} val top-1 {low:.4f} is {fp32 - low:.4f} below FP32 {fp32:.4f} "
-                           f"(profile allows {max_drop}){hint}")
-    return result
+    return {**checks.low_precision_top1(tmp, meta, profile, INT8_ONNX), **samples, **info}

@@ -37,7 +37,6 @@ from edgevit.data import DIGITS, balanced_indices, load_ref, load_split
 from edgevit.data.datasets import IMAGE_SUFFIXES, ImageFiles
 from edgevit.errors import EdgeVitError
 from edgevit.export import onnx as onnx_export
-from edgevit.export.checks import run_onnx
 from edgevit.export.precision import int8_nodes
 from edgevit.export.profiles import Calibration, Int8Options, find_yaml, read_yaml
 from edgevit.vit.bundle import BundleMeta
@@ -299,8 +298,3 @@ def quantize_graph(src: Path, dst: Path, images: np.ndarray, opts: Int8Options, 
     if opts.quantizer == "modelopt":
         info["fallback_from"] = "modelopt"
     return info
-
-
-def onnx_top1(path: Path, images: np.ndarray, labels: np.ndarray, batch: int) -> float:
-    """Top-1 of an ONNX graph in ONNX Runtime on preprocessed images."""
-    return float(np.mean(run_onnx(path, images, batch).argmax(1) == labels))
