@@ -239,8 +239,24 @@ def test_missing_calibration_set_exits_2_without_output(digits_bundle, tmp_path)
                tmp_path / "o" / "x", "no calibration set named 'line7'")
 
 
+def test_parity_allows_fp32_rounding_of_large_logits_but_not_more(monkeypatch):
+    """|onnx - torch| <= max_abs_diff + rtol * |torch| element-wise: a logit of 200 may differ by its own fp32
+    rounding (a DATA exact form's logits are of that size), a small logit may not."""
+    from edgevit.export import checks
+    from edgevit.export.profiles import Parity
+
+    ref = np.array([[200.0, -150.0, 0.5]], np.float32)
+    monkeypatch.setattr(checks, "run_torch", lambda model, images: ref)
+    for delta, rtol, passed in (([1.5e-4, 0, 0], 1e-5, True), ([1.5e-4, 0, 0], 0.0, False),
+                                ([0, 0, 1.5e-4], 1e-5, False), ([0, 2e-3, 0], 1e-5, False)):
+        monkeypatch.setattr(checks, "run_onnx", lambda path, images, batch, d=delta: ref + np.float32(d))
+        result = checks.parity(None, Path("m.onnx"), ref, Parity(rtol=rtol), 1)
+        assert result["passed"] is passed, (delta, rtol, result)
+        assert result["max_abs_diff"] == pytest.approx(max(delta), rel=0.05)  # 200 + 1.5e-4 in fp32
+
+
 def test_failing_parity_exits_2_with_the_numbers_and_no_output(digits_bundle, tmp_path):
-    path = profile_file(tmp_path, "cpu-ort-fp32", parity={"max_abs_diff": 1e-12})
+    path = profile_file(tmp_path, "cpu-ort-fp32", parity={"max_abs_diff": 1e-12, "rtol": 0})
     (tmp_path / "o").mkdir()
     line = _cli_fails(["export", str(digits_bundle), "--profile", str(path), "-o", str(tmp_path / "o" / "x")],
                       tmp_path / "o" / "x", "parity check failed on 64 val images: max abs diff")

@@ -98,10 +98,13 @@ def run_torch(model: nn.Module, images: np.ndarray, batch: int = 64) -> np.ndarr
 
 def parity(model: nn.Module, path: Path, images: np.ndarray, tol: Parity, batch: int) -> dict[str, Any]:
     """torch vs ONNX Runtime on ``images``: the numbers, the tolerances and whether they pass."""
-    result = compare(run_torch(model, images), run_onnx(path, images, batch))
-    passed = (result["max_abs_diff"] <= tol.max_abs_diff and result["cosine"] >= tol.min_cosine
+    ref, cand = run_torch(model, images), run_onnx(path, images, batch)
+    result = compare(ref, cand)
+    # what is left of each difference once rtol * |logit| is allowed for; this must stay within max_abs_diff
+    result["max_diff_beyond_rtol"] = float((np.abs(ref - cand) - tol.rtol * np.abs(ref)).max())
+    passed = (result["max_diff_beyond_rtol"] <= tol.max_abs_diff and result["cosine"] >= tol.min_cosine
               and result["top1_agreement"] >= tol.min_top1_agreement)
-    tolerances = {"max_abs_diff": tol.max_abs_diff, "min_cosine": tol.min_cosine,
+    tolerances = {"max_abs_diff": tol.max_abs_diff, "rtol": tol.rtol, "min_cosine": tol.min_cosine,
                   "min_top1_agreement": tol.min_top1_agreement}
     return {"images": len(images), "split": tol.split, **result, "tolerances": tolerances, "passed": passed}
 
@@ -109,7 +112,8 @@ def parity(model: nn.Module, path: Path, images: np.ndarray, tol: Parity, batch:
 def parity_error(result: dict[str, Any]) -> str:
     t = result["tolerances"]
     return (f"parity check failed on {result['images']} {result['split']} images: max abs diff "
-            f"{result['max_abs_diff']:.3g} (tolerance {t['max_abs_diff']:.3g}), cosine {result['cosine']:.6f} "
+            f"{result['max_abs_diff']:.3g} (tolerance {t['max_abs_diff']:.3g} + {t['rtol']:.3g} x |logit|), "
+            f"cosine {result['cosine']:.6f} "
             f"(min {t['min_cosine']}), top-1 agreement {result['top1_agreement']:.4f} "
             f"(min {t['min_top1_agreement']})")
 
