@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
+
+from edgevit.bench.latency import TimingConfig, interleaved_times
 
 MS = "com.microsoft"
 
@@ -129,17 +130,9 @@ def main() -> None:
     feed = {"x": np.random.default_rng(1).standard_normal((1, args.tokens, args.width), dtype=np.float32)}
     outputs = {k: s.run(None, feed)[0] for k, s in sessions.items()}
     ref = outputs["Attention"]
-    times: dict[str, list[float]] = {k: [] for k in sessions}
     start = os.getloadavg()[0]
-    for r in range(args.rounds):
-        names = list(sessions)[r % len(sessions) :] + list(sessions)[: r % len(sessions)]
-        for k in names:
-            for _ in range(3):
-                sessions[k].run(None, feed)
-            for _ in range(args.iters):
-                t0 = time.perf_counter()
-                sessions[k].run(None, feed)
-                times[k].append(time.perf_counter() - t0)
+    runners = {k: (lambda i, s=s: s.run(None, feed)) for k, s in sessions.items()}
+    times = interleaved_times(runners, args.rounds, TimingConfig(warmup=3, iterations=args.iters))  # ms
     print(
         f"attention: {args.tokens} tokens, width {args.width}, {args.heads} heads, {args.threads} threads, "
         f"onnxruntime {ort.__version__}; {args.rounds} rounds x {args.iters}; load {start:.2f} -> "
@@ -155,7 +148,7 @@ def main() -> None:
             else f"  max rel. diff vs Attention {np.abs(outputs[k] - ref).max() / np.abs(ref).max():.1e}"
         )
         print(
-            f"  {k:10s} p50 {p50 * 1e3:7.3f} ms  core {1e3 * (p50 - base):7.3f} ms "
+            f"  {k:10s} p50 {p50:7.3f} ms  core {p50 - base:7.3f} ms "
             f"({(p50 - base) / core if k != 'qkv' else 0:5.2f}x Attention's){err}"
         )
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgevit.bench.latency import TimingConfig, ort_session, timed_runs
+from edgevit.bench.latency import TimingConfig, interleaved_times, ort_session
 from edgevit.data import split_arrays
 from edgevit.export import checks, ort_graph, quantize
 from edgevit.export import onnx as onnx_export
@@ -148,15 +148,10 @@ def main() -> None:
         vit_calib = rng.standard_normal((16, 3, 224, 224), dtype=np.float32)
         paths = int8_graphs(fp32_graphs(vit, x, work / "vit"), vit_calib, work / "vit")
         sessions = {k: ort_session(p, args.threads) for k, p in paths.items()}
-        times: dict[str, list[float]] = {k: [] for k in sessions}
+        runners = {k: (lambda i, s=s: s.run(None, {"input": x})) for k, s in sessions.items()}
         start = os.getloadavg()
         t0 = time.perf_counter()
-        for r in range(args.rounds):
-            names = list(sessions)[r % len(sessions) :] + list(sessions)[: r % len(sessions)]
-            for k in names:
-                times[k] += timed_runs(
-                    lambda i, s=sessions[k]: s.run(None, {"input": x}), TimingConfig(warmup=2, iterations=args.iters)
-                )
+        times = interleaved_times(runners, args.rounds, TimingConfig(warmup=2, iterations=args.iters))
         print(
             f"{args.model} @224 batch {args.batch}, {args.threads} threads, {args.rounds} rounds x {args.iters} "
             f"runs in {time.perf_counter() - t0:.0f} s; load {start[0]:.2f} -> {os.getloadavg()[0]:.2f}; "

@@ -41,7 +41,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from edgevit.bench.flops import count_flops
-from edgevit.bench.latency import ort_session
+from edgevit.bench.latency import TimingConfig, interleaved_times, ort_session
 from edgevit.data import data_ref
 from edgevit.data.transforms import default_preprocessing
 from edgevit.export import export_bundle, load_profile
@@ -237,24 +237,6 @@ def compiled_runner(model: torch.nn.Module, inputs: list[np.ndarray]) -> Callabl
         return f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
 
 
-def interleave(
-    runners: dict[str, Callable[[int], object]], rounds: int, iters: int, warmup: int
-) -> dict[str, np.ndarray]:
-    """Per-run milliseconds of every runner: ``rounds`` rounds, each runner ``warmup`` untimed then ``iters``
-    timed runs per round, runners in a rotated order each round."""
-    times: dict[str, list[float]] = {k: [] for k in runners}
-    names = list(runners)
-    for r in range(rounds):
-        for k in names[r % len(names) :] + names[: r % len(names)]:
-            for i in range(warmup):
-                runners[k](i)
-            for i in range(iters):
-                t0 = time.perf_counter()
-                runners[k](i)
-                times[k].append((time.perf_counter() - t0) * 1e3)
-    return {k: np.asarray(v) for k, v in times.items()}
-
-
 def bench(
     name: str, batch: int, peer: torch.nn.Module, paths: dict[str, Path], args: argparse.Namespace, work: Path
 ) -> None:
@@ -275,7 +257,7 @@ def bench(
     runners |= {k: ort_runner(p, args.threads, inputs) for k, p in paths.items()}
 
     start = load()
-    times = interleave(runners, args.rounds, args.iters, args.warmup)
+    times = interleaved_times(runners, args.rounds, TimingConfig(warmup=args.warmup, iterations=args.iters))
     ref = float(np.median(times[REFERENCE]))
     floor = float(np.median(times[FLOOR]))
     rate = floor_gflops / (floor / 1e3)

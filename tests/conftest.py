@@ -34,6 +34,12 @@ def digits_bundle_04(tmp_path_factory):
     return train_baseline("digits", out, img_size=16, arch=TINY_ARCH, classes=list("01234"), cfg=TINY_TRAIN)
 
 
+def tiny_cli(img_size: int, embed_dim: int) -> list[str]:
+    """``edgevit train`` flags for a one-block, two-head ViT trained one epoch of batch 4 in this process."""
+    return ["--img-size", str(img_size), "--patch-size", "8", "--embed-dim", str(embed_dim), "--depth", "1",
+            "--heads", "2", "--epochs", "1", "--batch-size", "4", "--workers", "0"]
+
+
 def write_photos(root, counts: dict[str, int], size=(48, 64), noise=25.0, base=60, step=60, seed=0,
                  dim_channel=False, quality=75):
     """RGB JPEG class folders standing in for line photos: ``counts`` maps class -> images. Class ``c`` has

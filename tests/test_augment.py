@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import write_photos
+from conftest import tiny_cli, write_photos
 
 from edgevit.cli import main
 from edgevit.data import load_split
@@ -18,8 +18,7 @@ from edgevit.train import TrainConfig, fit
 from edgevit.train.loop import EpochBatches, _batches
 from edgevit.vit import create_vit, read_meta
 
-TINY = ["--img-size", "16", "--patch-size", "8", "--embed-dim", "16", "--depth", "1", "--heads", "2",
-        "--epochs", "1", "--batch-size", "4", "--workers", "0"]
+TINY = tiny_cli(img_size=16, embed_dim=16)
 
 
 @pytest.fixture(scope="module")

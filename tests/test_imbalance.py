@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import write_photos
+from conftest import tiny_cli, write_photos
 
 from edgevit.bench.report import build_report
 from edgevit.bench.schema import ResultRow
@@ -19,8 +19,7 @@ from edgevit.cli import main
 from edgevit.train.loop import _batches
 from edgevit.vit import read_meta
 
-TINY = ["--img-size", "32", "--patch-size", "8", "--embed-dim", "24", "--depth", "1", "--heads", "2",
-        "--epochs", "1", "--batch-size", "4", "--workers", "0"]
+TINY = tiny_cli(img_size=32, embed_dim=24)
 
 
 @pytest.fixture(scope="module")

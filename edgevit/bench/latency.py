@@ -164,10 +164,22 @@ def time_torch(model, inputs: Sequence[np.ndarray], threads: int, cfg: TimingCon
         torch.set_num_threads(previous)
 
 
+def interleaved_times(runners: dict[str, Callable[[int], object]], rounds: int,
+                      cfg: TimingConfig) -> dict[str, np.ndarray]:
+    """Per-run milliseconds of several runners timed side by side: ``rounds`` rounds, each runner once per round
+    (``cfg.warmup`` untimed then ``cfg.iterations`` timed runs of ``run(i)``), the order rotated every round, so
+    drift on a shared machine hits every runner alike: the comparison the ``benchmarks/`` scripts print."""
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    names = list(runners)
+    for r in range(rounds):
+        for k in names[r % len(names):] + names[:r % len(names)]:
+            times[k] += timed_runs(runners[k], cfg)
+    return {k: np.asarray(v) for k, v in times.items()}
+
+
 def interleaved_p50_ms(paths: dict[str, Path], x: np.ndarray, threads: int, rounds: int, iters: int,
                        warmup: int = 3) -> dict[str, float]:
-    """Median ms per run of several ONNX graphs on one input, timed in interleaved rounds so that drift on
-    a shared machine hits every graph alike: the side-by-side comparison the ``benchmarks/`` scripts print.
+    """Median ms per run of several ONNX graphs on one input, timed by :func:`interleaved_times`.
 
     Args:
         paths: graph name -> ONNX file (single input named ``input``).
@@ -177,9 +189,6 @@ def interleaved_p50_ms(paths: dict[str, Path], x: np.ndarray, threads: int, roun
         iters: timed runs per graph per round (after ``warmup`` untimed ones).
     """
     sessions = {k: ort_session(p, threads) for k, p in paths.items()}
-    cfg = TimingConfig(warmup=warmup, iterations=iters)
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    for _ in range(rounds):
-        for k, session in sessions.items():
-            times[k] += timed_runs(lambda i, session=session: session.run(None, {"input": x}), cfg)
+    runners = {k: (lambda i, session=session: session.run(None, {"input": x})) for k, session in sessions.items()}
+    times = interleaved_times(runners, rounds, TimingConfig(warmup=warmup, iterations=iters))
     return {k: float(np.median(v)) for k, v in times.items()}
