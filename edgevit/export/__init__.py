@@ -5,7 +5,15 @@ checks engines on the target; ``profiles`` validates the YAML profiles that driv
 """
 
 from edgevit.export.artifacts import EXPORT_JSON
-from edgevit.export.pipeline import export_bundle
 from edgevit.export.profiles import Profile, list_profiles, load_profile
 
 __all__ = ["EXPORT_JSON", "Profile", "export_bundle", "list_profiles", "load_profile"]
+
+
+def __getattr__(name: str):
+    # Imported on first use: profiles and artifact names need no torch / ONNX (`edgevit profiles list` is instant).
+    if name == "export_bundle":
+        from edgevit.export.pipeline import export_bundle
+
+        return export_bundle
+    raise AttributeError(f"module 'edgevit.export' has no attribute {name!r}")
