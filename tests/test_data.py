@@ -2,6 +2,7 @@
 
 import logging
 
+import numpy as np
 import pytest
 import torch
 
@@ -29,6 +30,16 @@ def test_digits_splits_are_disjoint_stratified_and_stable():
     assert not train_rows & {tuple(x.flatten().tolist()) for x in splits["test"].images}
     x, y = splits["train"][0]
     assert x.shape == (1, 16, 16) and x.min() >= -1.01 and x.max() <= 1.01
+
+
+def test_digits_read_from_scikit_learns_file_equal_load_digits():
+    from sklearn.datasets import load_digits
+
+    from edgevit.data.datasets import _digits_arrays
+
+    images, labels = _digits_arrays()
+    bunch = load_digits()
+    assert np.array_equal(images, bunch.images) and np.array_equal(labels, bunch.target)
 
 
 def test_class_subset_relabels_in_the_given_order():

@@ -7,7 +7,9 @@ seeded shuffle, so every command sees the same split.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib.util
 import logging
 import random
 from collections.abc import Sequence
@@ -83,14 +85,31 @@ class ImageFiles(Dataset):
             return self.transform(image), self.targets[i]
 
 
+@functools.cache
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits as read-only ``(1797 x 8 x 8 images, labels)``, read once per process from the file
+    scikit-learn ships, without importing scikit-learn (and SciPy): that import is a second of every start."""
+    spec = importlib.util.find_spec("sklearn")
+    csv = Path(spec.submodule_search_locations[0], "datasets", "data", "digits.csv.gz") if spec else None
+    if csv is not None and csv.is_file():
+        table = np.loadtxt(csv, delimiter=",")
+        images, labels = table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
+    else:
+        from sklearn.datasets import load_digits
+
+        bunch = load_digits()
+        images, labels = bunch.images, bunch.target
+    for array in (images, labels):
+        array.setflags(write=False)
+    return images, labels
+
+
 def digits_images(size: int) -> tuple[torch.Tensor, np.ndarray]:
     """scikit-learn's 1797 handwritten digits (8x8, values 0..16), upscaled to ``size``, in [0, 1]."""
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
-    images = torch.from_numpy(bunch.images.astype(np.float32) / 16.0).unsqueeze(1)
+    pixels, labels = _digits_arrays()
+    images = torch.from_numpy(pixels.astype(np.float32) / 16.0).unsqueeze(1)
     images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
-    return images.clamp_(0, 1), bunch.target
+    return images.clamp_(0, 1), labels
 
 
 def _split_indices(labels: Sequence[int], split: str) -> list[int]:
