@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 
 import pytest
@@ -9,7 +10,15 @@ import torch
 
 from edgevit.train import TrainConfig
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Two cores at most, shared by the pytest-xdist workers (scripts/test.sh runs one per core).
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1))))
+
+
+def pytest_collection_finish(session):
+    # Every test module is imported: move torch, timm, ONNX and the rest out of the collector's reach, so the
+    # full collections (the profiler's before each memory measurement, Python's own) walk only new objects.
+    gc.freeze()
+
 
 # A ViT small enough that a few epochs on digits take seconds.
 TINY_ARCH = {"patch_size": 4, "embed_dim": 48, "depth": 4, "num_heads": 3}

@@ -235,7 +235,8 @@ def test_bundles_load_and_export_without_methods(data_run, tmp_path):
     from edgevit.export import load_profile
 
     profile = load_profile("jetson-orin-nano-int8")  # a 2-epoch model: the accuracy gate is not what is tested
-    profile = profile.model_copy(update={"int8": profile.int8.model_copy(update={"max_top1_drop": 1.0})})
+    profile = profile.model_copy(update={"int8": profile.int8.model_copy(update={"max_top1_drop": 1.0}),
+                                         "calibration": profile.calibration.model_copy(update={"samples": 64})})
     int8 = export_bundle(data_run / "exact", profile, tmp_path / "int8")
     assert int8["int8"]["quantized_nodes"] > 0 and "FP32" not in int8["graph"]["precision"]["counts"]
 

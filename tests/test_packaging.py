@@ -75,9 +75,9 @@ def test_wheel_install_works_outside_the_repository(wheel_env, digits_bundle, tm
     listed = edgevit("profiles", "list")
     for profile in (REPO / "export_profiles").glob("*.yaml"):
         assert profile.stem in listed
-    for profile in ("cpu-ort-fp32", "jetson-orin-nano-int8"):
+    for profile in ("cpu-ort-fp32", "jetson-orin-nano-fp16"):  # an ONNX Runtime and a TensorRT one (device kit)
         edgevit("export", str(digits_bundle), "--profile", profile, "-o", profile)
         assert json.loads((tmp_path / profile / "export.json").read_text())["profile"]["name"] == profile
-    kit = tmp_path / "jetson-orin-nano-int8" / "device"  # the device kit comes from the installed package
+    kit = tmp_path / "jetson-orin-nano-fp16" / "device"  # the device kit comes from the installed package
     assert sorted(p.name for p in kit.iterdir()) == sorted(DEVICE_KIT.values())
     assert "Usage" in edgevit("demo", "--help")
