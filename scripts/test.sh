@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/setup.sh
 .venv/bin/ruff check .
-exec .venv/bin/python -m pytest -q -n auto --dist loadfile "$@"
+exec .venv/bin/python -m pytest -q -n auto --dist loadfile --no-loadscope-reorder "$@"

@@ -14,6 +14,13 @@ from edgevit.train import TrainConfig
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1))))
 
 
+def pytest_collection_modifyitems(items):
+    # Files with slow tests first: pytest-xdist's loadfile hands files out in this order (scripts/test.sh turns
+    # off its reorder by test count), so each worker ends on short files rather than one waiting on a wheel build.
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow)
+
+
 def pytest_collection_finish(session):
     # Every test module is imported: move torch, timm, ONNX and the rest out of the collector's reach, so the
     # full collections (the profiler's before each memory measurement, Python's own) walk only new objects.

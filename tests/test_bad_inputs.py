@@ -114,6 +114,7 @@ def test_export_removes_temporary_directories_of_killed_exports_only(digits_bund
     assert OWNER not in json.loads((tmp_path / "out" / "export.json").read_text())["hashes"]
 
 
+@pytest.mark.slow
 def test_an_export_killed_with_sigkill_is_cleaned_up_by_the_next(digits_bundle, tmp_path):
     killed = subprocess.Popen([sys.executable, "-m", "edgevit", "export", str(digits_bundle), "--profile",
                                "cpu-ort-fp32", "-o", str(tmp_path / "first")], stderr=subprocess.DEVNULL)

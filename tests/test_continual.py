@@ -215,6 +215,7 @@ def test_train_continual_writes_both_forms(data_run):
         assert evaluate(model, subset) == pytest.approx(c["forms"][form]["final_accuracy"][1], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_bundles_load_and_export_without_methods(data_run, tmp_path):
     code = ("import sys; from edgevit.vit import load_bundle; import torch\n"
             f"for p in [{str(data_run)!r}, {str(data_run / 'exact')!r}]:\n"

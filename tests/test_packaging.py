@@ -60,6 +60,7 @@ def test_wheel_holds_every_shipped_file(wheel):
     assert not missing, f"not in the wheel: {missing}"
 
 
+@pytest.mark.slow
 def test_wheel_install_works_outside_the_repository(wheel_env, digits_bundle, tmp_path):
     def edgevit(*args: str) -> str:
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "EDGEVIT_PROFILES")}

@@ -92,6 +92,7 @@ def test_one_image_same_tensor_through_training_eval_export_parity_and_jetson(de
     assert np.abs(squash - training_eval).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_pretrained_offline_is_one_line_with_the_init_alternative(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "TORCH_HOME": str(tmp_path / "t")}
     done = subprocess.run([sys.executable, "-m", "edgevit", "train", "baseline", "--data", "digits", "--pretrained",

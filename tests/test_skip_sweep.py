@@ -14,6 +14,7 @@ HEAL = TrainConfig(epochs=1, batch_size=256, lr=1e-3, warmup_epochs=0.5, augment
 
 
 
+@pytest.mark.slow
 def test_sweep_rows_before_and_after_healing(digits_bundle, tmp_path):
     timing = TimingConfig(warmup=1, iterations=3)
     results = sweep_skip(digits_bundle, "digits", tmp_path / "sweep", HEAL, ratios=(0, 0.5),

@@ -27,6 +27,7 @@ def _env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_result(tmp_path):
     args = ["train", "baseline", "--data", "digits", *TINY, "--epochs", "3"]
     threads = torch.get_num_threads()
@@ -58,6 +59,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+@pytest.mark.slow
 def test_torchrun_two_cpu_processes(tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
