@@ -8,7 +8,7 @@ import logging
 import click
 
 from edgevit.errors import EdgeVitError
-from edgevit.methods.defaults import BATCH_SIZE, METHOD_TRAIN
+from edgevit.methods.defaults import BATCH_SIZE, train_defaults
 
 
 class Group(click.Group):
@@ -94,7 +94,7 @@ seed_option = click.option("--seed", default=0, show_default=True, help="Seed fo
 
 def train_options(method: str):
     """Optimisation flags shared by the train commands, defaulting to the library's for ``method``."""
-    defaults = METHOD_TRAIN[method]
+    defaults = train_defaults(method)
 
     def decorate(fn):
         for option in reversed([
@@ -301,9 +301,9 @@ def _ratio(value: str | None) -> float | None:
               help="cosine: least-change sub-layers on calibration images (mean over all tokens); cosine-pooled: "
                    "the same over the tokens the head pools (class token); last: deepest, final block kept; "
                    "random: seeded control. Default cosine-pooled; with --sweep, limits the sweep to one strategy.")
-@click.option("--heal-epochs", default=METHOD_TRAIN["skip"]["epochs"], show_default=True, type=int,
+@click.option("--heal-epochs", default=train_defaults("skip")["epochs"], show_default=True, type=int,
               help="Healing fine-tune of the remaining weights (0: remove only).")
-@click.option("--lr", default=METHOD_TRAIN["skip"]["lr"], show_default=True, type=float,
+@click.option("--lr", default=train_defaults("skip")["lr"], show_default=True, type=float,
               help="Healing peak learning rate.")
 @click.option("--batch-size", default=BATCH_SIZE, show_default=True, type=int)
 @click.option("--calib", default=64, show_default=True, type=int,

@@ -8,6 +8,7 @@ import pytest
 
 from edgevit.cli import main
 from edgevit.methods import continual, memory, prompts, skip, transfer
+from edgevit.methods.defaults import TRAIN
 from edgevit.train.run import method_train_config
 
 CONFIGS = {"transfer": transfer.TransferConfig, "skip": skip.SkipConfig, "memory": memory.MemoryConfig,
@@ -26,6 +27,12 @@ def test_optimisation_defaults_are_the_librarys(method):
     epochs = "heal_epochs" if method == "skip" else "epochs"
     assert (cli_default(method, epochs), cli_default(method, "lr"), cli_default(method, "batch_size")) == (
         library.epochs, library.lr, library.batch_size)
+
+
+def test_a_method_without_its_own_defaults_gets_the_shared_ones():
+    """A new method needs no entry in defaults.METHOD_TRAIN (CONTRIBUTING: its module and a CLI command)."""
+    config = method_train_config("a-new-method", "digits")
+    assert (config.epochs, config.lr) == (TRAIN["epochs"], TRAIN["lr"])
 
 
 @pytest.mark.parametrize("method", list(CONFIGS))

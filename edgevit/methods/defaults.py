@@ -6,15 +6,19 @@ Plain values (no torch import), so ``edgevit --help`` stays instant while the CL
 
 from __future__ import annotations
 
+TRAIN: dict[str, int | float] = {"epochs": 40, "lr": 1e-3}  # baseline, transfer and any method not below
 METHOD_TRAIN: dict[str, dict[str, int | float]] = {
-    "baseline": {"epochs": 40, "lr": 1e-3},
-    "transfer": {"epochs": 40, "lr": 1e-3},
     "skip": {"epochs": 5, "lr": 2e-4, "warmup_epochs": 0.5},  # healing
     "memory": {"epochs": 15, "lr": 5e-4, "warmup_epochs": 1.0},
     "continual": {"epochs": 10, "lr": 3e-3, "warmup_epochs": 1.0},  # per task
     "prompts": {"epochs": 20, "lr": 1e-2},
 }
 BATCH_SIZE = 64
+
+
+def train_defaults(method: str) -> dict[str, int | float]:
+    """``method``'s optimisation defaults: :data:`TRAIN` updated by its :data:`METHOD_TRAIN` entry, if any."""
+    return {**TRAIN, **METHOD_TRAIN.get(method, {})}
 
 
 def augment_for(data: str) -> str:

@@ -14,7 +14,7 @@ from torch import nn
 from edgevit import __version__
 from edgevit.data import data_ref, load_ref, source_classes
 from edgevit.errors import EdgeVitError
-from edgevit.methods.defaults import METHOD_TRAIN, augment_for
+from edgevit.methods.defaults import augment_for, train_defaults
 from edgevit.train.loop import CHECKPOINT, TrainConfig, TrainResult, confusion_matrix, is_main_process
 from edgevit.vit.bundle import META, BundleMeta, save_bundle
 
@@ -37,9 +37,9 @@ def check_run_dir(out: str | Path, resume: bool, checkpoint: str = CHECKPOINT) -
 
 
 def method_train_config(method: str, data: str, **changes) -> TrainConfig:
-    """``method``'s optimisation defaults (:data:`~edgevit.methods.defaults.METHOD_TRAIN`) for ``data``, with
+    """``method``'s optimisation defaults (:func:`~edgevit.methods.defaults.train_defaults`) for ``data``, with
     ``changes`` applied: what ``train_<method>()`` uses when given no ``train_cfg``, and what the CLI builds."""
-    return TrainConfig(**{"augment": augment_for(data), **METHOD_TRAIN[method], **changes})
+    return TrainConfig(**{"augment": augment_for(data), **train_defaults(method), **changes})
 
 
 def split_metrics(model: nn.Module, meta: BundleMeta, splits: tuple[str, ...] = ("val", "test")) -> dict:
