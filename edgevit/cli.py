@@ -8,7 +8,7 @@ import logging
 import click
 
 from edgevit.errors import EdgeVitError
-from edgevit.methods.defaults import BATCH_SIZE, train_defaults
+from edgevit.methods.defaults import train_defaults
 
 
 class Group(click.Group):
@@ -100,7 +100,7 @@ def train_options(method: str):
         for option in reversed([
             click.option("--epochs", default=defaults["epochs"], show_default=True, type=int),
             click.option("--lr", default=defaults["lr"], show_default=True, type=float, help="Peak learning rate."),
-            click.option("--batch-size", default=BATCH_SIZE, show_default=True, type=int),
+            click.option("--batch-size", default=defaults["batch_size"], show_default=True, type=int),
             seed_option,
         ]):
             fn = option(fn)
@@ -290,6 +290,9 @@ def _ratio(value: str | None) -> float | None:
         raise click.BadParameter(f"expected a fraction such as 1/3 or 0.33, got {value!r}") from None
 
 
+HEAL = train_defaults("skip")  # skip's optimisation flags set its healing fine-tune
+
+
 @train.command("skip")
 @click.option("--model", "model_run", required=True, type=click.Path(exists=True, file_okay=False),
               help="The bundle to prune (a run directory).")
@@ -301,11 +304,11 @@ def _ratio(value: str | None) -> float | None:
               help="cosine: least-change sub-layers on calibration images (mean over all tokens); cosine-pooled: "
                    "the same over the tokens the head pools (class token); last: deepest, final block kept; "
                    "random: seeded control. Default cosine-pooled; with --sweep, limits the sweep to one strategy.")
-@click.option("--heal-epochs", default=train_defaults("skip")["epochs"], show_default=True, type=int,
+@click.option("--heal-epochs", default=HEAL["epochs"], show_default=True, type=int,
               help="Healing fine-tune of the remaining weights (0: remove only).")
-@click.option("--lr", default=train_defaults("skip")["lr"], show_default=True, type=float,
+@click.option("--lr", default=HEAL["lr"], show_default=True, type=float,
               help="Healing peak learning rate.")
-@click.option("--batch-size", default=BATCH_SIZE, show_default=True, type=int)
+@click.option("--batch-size", default=HEAL["batch_size"], show_default=True, type=int)
 @click.option("--calib", default=64, show_default=True, type=int,
               help="Class-balanced training images the cosine scores are measured on.")
 @click.option("--distill", default=0.5, show_default=True, type=float,

@@ -6,14 +6,14 @@ Plain values (no torch import), so ``edgevit --help`` stays instant while the CL
 
 from __future__ import annotations
 
-TRAIN: dict[str, int | float] = {"epochs": 40, "lr": 1e-3}  # baseline, transfer and any method not below
+# Baseline, transfer and any method not in METHOD_TRAIN; the entries there replace some of these.
+TRAIN: dict[str, int | float] = {"epochs": 40, "lr": 1e-3, "batch_size": 64}
 METHOD_TRAIN: dict[str, dict[str, int | float]] = {
     "skip": {"epochs": 5, "lr": 2e-4, "warmup_epochs": 0.5},  # healing
     "memory": {"epochs": 15, "lr": 5e-4, "warmup_epochs": 1.0},
     "continual": {"epochs": 10, "lr": 3e-3, "warmup_epochs": 1.0},  # per task
     "prompts": {"epochs": 20, "lr": 1e-2},
 }
-BATCH_SIZE = 64
 
 
 def train_defaults(method: str) -> dict[str, int | float]:
