@@ -547,6 +547,7 @@ def export_cmd(run, profile_name, out, as_json):
       edgevit export runs/base --profile jetson-orin-nano-int8 -o build/base/orin-int8
     """
     from edgevit.export import export_bundle
+    from edgevit.export.gate import describe
 
     export = export_bundle(run, profile_name, out)
     p = export["parity"]
@@ -556,7 +557,9 @@ def export_cmd(run, profile_name, out, as_json):
     if precision in export:  # the low-precision graph's accuracy (for TensorRT: the graph it builds, run by ORT)
         q = export[precision]
         text += (f"; {q['graph']} top-1 val {q['fp32_val_top1']:.4f} -> {q[f'{precision}_val_top1']:.4f}, "
-                 f"test {q['fp32_test_top1']:.4f} -> {q[f'{precision}_test_top1']:.4f} (fp32 -> {precision})")
+                 f"test {q['fp32_test_top1']:.4f} -> {q[f'{precision}_test_top1']:.4f} (fp32 -> {precision})"
+                 f"\ngate (fails when the interval is above {100 * q['gate']['max_drop']:.1f} points): "
+                 f"{describe(q['gate'])}")
     if "precision" in export["graph"]:
         text += f"\nprecision: {export['graph']['precision']['line']}"
     if export["profile"]["runtime"] == "tensorrt":

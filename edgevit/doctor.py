@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from edgevit.cpu import cpu_info
+
 # (import name, distribution names to read the version from: the first one installed wins)
 COMPONENTS = {
     "edgevit": ("edgevit",),
@@ -133,13 +135,18 @@ def diagnose() -> dict[str, Any]:
         rows.append({"name": profile.name, "target": profile.target, "runtime": profile.runtime,
                      "precision": profile.precision, "path": str(path), "export": export_ok,
                      "export_note": export_note, "build": build_ok, "build_note": build_note})
+    here = cpu_info()
     return {"python": sys.version.split()[0], "platform": platform.platform(), "machine": platform.machine(),
-            "components": found, "jetson": device, "profiles": rows}
+            "cpu": {**here.record(), "int8": here.int8_line()}, "components": found, "jetson": device,
+            "profiles": rows}
 
 
 def format_report(report: dict[str, Any]) -> str:
     """The human-readable form of :func:`diagnose`."""
     lines = [f"python {report['python']} on {report['platform']}"]
+    c = report["cpu"]
+    lines.append(f"cpu: {c['model']} ({', '.join(c['features']) or 'no AVX2/AVX-512/VNNI/AMX'})")
+    lines.append(f"  int8: {c['int8']}")
     for name, c in report["components"].items():
         extra = ""
         if name == "torch" and c["installed"]:

@@ -50,6 +50,15 @@ def digits_bundle_04(tmp_path_factory):
     return train_baseline("digits", out, img_size=16, arch=TINY_ARCH, classes=list("01234"), cfg=TINY_TRAIN)
 
 
+@pytest.fixture(scope="session")
+def orin_int8_export(digits_bundle, tmp_path_factory):
+    """``digits_bundle`` exported with the shipped ``jetson-orin-nano-int8`` profile: (directory, export.json)."""
+    from edgevit.export import export_bundle
+
+    out = tmp_path_factory.mktemp("exports") / "orin-int8"
+    return out, export_bundle(digits_bundle, "jetson-orin-nano-int8", out)
+
+
 def tiny_cli(img_size: int, embed_dim: int) -> list[str]:
     """``edgevit train`` flags for a one-block, two-head ViT trained one epoch of batch 4 in this process."""
     return ["--img-size", str(img_size), "--patch-size", "8", "--embed-dim", str(embed_dim), "--depth", "1",

@@ -5,7 +5,8 @@ An artifact is an export directory (``export.json`` + ``bundle/`` + ONNX graphs 
 one runtime behind the same four calls, so timing and accuracy code is shared:
 
 - ``torch``: the bundle's graph in PyTorch (fp32; CUDA when available, else CPU);
-- ``ort``: ``export.json``'s ``deploy_onnx`` in ONNX Runtime on CPU;
+- ``ort``: ``export.json``'s ``deploy_onnx`` in ONNX Runtime on CPU (a TensorRT export's graph as its runtime
+  computes it: the fake-quant proxy, :meth:`edgevit.export.runtimes.Runtime.device_graph`);
 - ``trt``: ``engine.plan`` in TensorRT (imported lazily; an engine built for another GPU, TensorRT or graph is
   refused by :func:`edgevit.export.tensorrt.check_engine_compatible`).
 
@@ -19,6 +20,7 @@ with.
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +29,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from edgevit import cpu
 from edgevit.bench.latency import CudaEventTimer, Timer, WallTimer
 from edgevit.errors import EdgeVitError
 from edgevit.export.artifacts import (
@@ -40,6 +43,8 @@ from edgevit.export.artifacts import (
     read_export,
 )
 from edgevit.vit.bundle import META, WEIGHTS, BundleMeta, read_meta
+
+log = logging.getLogger("edgevit")
 
 
 @dataclass(frozen=True)
@@ -199,11 +204,19 @@ class TorchBackend(Backend):
 
 @register("ort")
 class OrtBackend(Backend):
-    """``deploy_onnx`` in ONNX Runtime on CPU with ``threads`` intra-op threads."""
+    """``deploy_onnx`` in ONNX Runtime on CPU with ``threads`` intra-op threads; warns in one line when this CPU
+    lacks what the graph's INT8 recipe relies on (export.json ``int8.cpu.needs``)."""
 
     def __init__(self, artifact: Artifact, threads: int, device: str) -> None:
+        from edgevit.export.runtimes import RUNTIMES
+
         path = artifact.deploy_onnx
-        self.session = ort_session(path, threads)
+        export = artifact.export or {}
+        if reason := cpu.lacks(export.get("int8", {}).get("cpu", {}).get("needs")):
+            log.warning("%s relies on %s; %s, so its INT8 sums saturate and top-1 may fall below export.json's "
+                        "(re-export with int8.weight_type: int7)", path, export["int8"]["cpu"]["needs"], reason)
+        runtime = RUNTIMES.get(export.get("profile", {}).get("runtime", "onnxruntime"))
+        self.session = ort_session(runtime.device_graph(path) if runtime else path, threads)
         self.input = self.session.get_inputs()[0]
         self.precision = onnx_precision(path)
         self.measured_files = [path]

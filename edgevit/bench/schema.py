@@ -53,8 +53,12 @@ class ResultRow(BaseModel):
 
 def machine_info(threads: int | None = None) -> dict[str, Any]:
     """CPU model, core count, threads, GPU and library versions of this process's machine."""
-    info: dict[str, Any] = {"hostname": platform.node(), "os": platform.platform(), "cpu": _cpu_model(),
-                            "cores": os.cpu_count(), "threads": threads, "python": platform.python_version()}
+    from edgevit.cpu import cpu_info
+
+    here = cpu_info()
+    info: dict[str, Any] = {"hostname": platform.node(), "os": platform.platform(), "cpu": here.model,
+                            "cpu_features": here.features, "u8s8": here.u8s8, "cores": os.cpu_count(),
+                            "threads": threads, "python": platform.python_version()}
     for module in ("torch", "onnxruntime", "tensorrt"):
         try:
             info[module] = __import__(module).__version__
@@ -70,16 +74,6 @@ def machine_info(threads: int | None = None) -> dict[str, Any]:
     except ImportError:
         pass
     return info
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def append_rows(path: str | Path, rows: list[ResultRow]) -> None:

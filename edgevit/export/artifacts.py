@@ -56,12 +56,12 @@ def write_export(out_dir: Path, export: dict[str, Any]) -> None:
     atomic_write_json(out_dir / EXPORT_JSON, export)
 
 
-def ort_session(path: str | Path, threads: int = 1, optimization: str = "all", config: dict[str, str] | None = None,
-                optimized_model: str | Path | None = None):
+def ort_session(path: str | Path | bytes, threads: int = 1, optimization: str = "all",
+                config: dict[str, str] | None = None, optimized_model: str | Path | None = None):
     """An ONNX Runtime CPU session pinned to ``threads`` intra-op threads, sequential execution.
 
     Args:
-        path: the ONNX file.
+        path: the ONNX file (or a serialized model).
         threads: intra-op threads (the only parallelism; inter-op is 1 so the count is what it says).
         optimization: graph optimisation level: ``disable``, ``basic``, ``extended`` or ``all``.
         config: session config entries, e.g. ``{"session.intra_op.allow_spinning": "0"}``.
@@ -83,4 +83,5 @@ def ort_session(path: str | Path, threads: int = 1, optimization: str = "all", c
         opts.optimized_model_filepath = str(optimized_model)
     for key, value in (config or {}).items():
         opts.add_session_config_entry(key, value)
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    model = path if isinstance(path, bytes) else str(path)
+    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])

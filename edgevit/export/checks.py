@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
 import torch
 from torch import nn
 
-from edgevit.data import split_arrays
+from edgevit.data import balanced_indices, split_arrays
 from edgevit.errors import EdgeVitError
-from edgevit.export import preprocess
+from edgevit.export import gate, preprocess
 from edgevit.export.artifacts import FP32_ONNX, ort_session
-from edgevit.export.profiles import Parity, Profile
+from edgevit.export.profiles import Calibration, Parity, Profile
 from edgevit.vit.bundle import BundleMeta
+
+if TYPE_CHECKING:
+    from edgevit.export.runtimes import Runtime
+
+log = logging.getLogger("edgevit")
 
 STANDARD_DOMAINS = ("", "ai.onnx")
 # What a LayerNormalization looks like once an exporter decomposes it; none of it may appear next to a
@@ -74,9 +80,10 @@ def compare(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
             "top1_agreement": float(np.mean(ref.argmax(1) == cand.argmax(1)))}
 
 
-def run_onnx(path: Path, images: np.ndarray, batch: int, threads: int = 1) -> np.ndarray:
-    """Logits of an ONNX graph on ``images`` in ONNX Runtime (CPU), ``batch`` images per run."""
-    session = ort_session(path, threads)
+def run_onnx(graph: Path | bytes, images: np.ndarray, batch: int, threads: int = 1) -> np.ndarray:
+    """Logits of an ONNX graph (a path, or a serialized model) on ``images`` in ONNX Runtime (CPU), ``batch``
+    images per run."""
+    session = ort_session(graph, threads)
     name = session.get_inputs()[0].name
     fixed = session.get_inputs()[0].shape[0]
     step = fixed if isinstance(fixed, int) and fixed > 0 else batch
@@ -118,30 +125,61 @@ def parity_error(result: dict[str, Any]) -> str:
             f"(min {t['min_top1_agreement']})")
 
 
-def onnx_top1(path: Path, images: np.ndarray, labels: np.ndarray, batch: int) -> float:
+def onnx_top1(graph: Path | bytes, images: np.ndarray, labels: np.ndarray, batch: int) -> float:
     """Top-1 of an ONNX graph in ONNX Runtime on preprocessed images."""
-    return float(np.mean(run_onnx(path, images, batch).argmax(1) == labels))
+    return float(np.mean(run_onnx(graph, images, batch).argmax(1) == labels))
 
 
-def low_precision_top1(out: Path, meta: BundleMeta, profile: Profile, graph: str) -> dict[str, Any]:
-    """Val and test top-1 of the low-precision ``graph`` in ``out`` (exactly what the runtime loads; for TensorRT
-    the FP16/INT8 graph it builds, run here by ONNX Runtime on the CPU) next to the FP32 graph's. A val drop over
-    the profile's ``max_top1_drop`` fails the export; test is recorded, never used to decide."""
+def low_precision_accuracy(out: Path, meta: BundleMeta, profile: Profile, graph: str, runtime: Runtime,
+                           calibration: Calibration | None) -> dict[str, Any]:
+    """Val and test top-1 of the low-precision ``graph`` in ``out`` next to the FP32 graph's, and the paired gate.
+
+    The graph is run as ``runtime`` computes it (:meth:`Runtime.device_graph`: for TensorRT, the fake-quant proxy
+    of :mod:`edgevit.export.fakequant`). The gate (:mod:`edgevit.export.gate`) compares both graphs image by
+    image on the val split; when that is too small to resolve the profile's ``max_top1_drop`` it adds train images
+    ``calibration`` never drew (:func:`edgevit.export.quantize.held_out_train`), never test images. A drop beyond
+    the tolerance with the gate's confidence fails the export; test top-1 is recorded, never used to decide.
+    """
     label = profile.precision
     max_drop = profile.int8.max_top1_drop if label == "int8" else profile.tensorrt.max_top1_drop
-    batch = profile.batch_spec
-    eval_batch = 64 if batch.dynamic else batch.max
-    result: dict[str, Any] = {"graph": graph}
-    for split in ("val", "test"):
-        images, labels = split_arrays(meta, split)
-        images = preprocess.graph_pixels(images, preprocess.recorded(meta.preprocessing, profile.input))
-        result[f"fp32_{split}_top1"] = onnx_top1(out / FP32_ONNX, images, labels, eval_batch)
-        result[f"{label}_{split}_top1"] = onnx_top1(out / graph, images, labels, eval_batch)
-        result[f"{split}_images"] = len(labels)
-    fp32, low = result["fp32_val_top1"], result[f"{label}_val_top1"]
-    result["delta"] = low - fp32
-    if fp32 - low > max_drop:
+    eval_batch = 64 if profile.batch_spec.dynamic else profile.batch_spec.max
+    graph_pre = preprocess.recorded(meta.preprocessing, profile.input)
+    device_graph = runtime.device_graph(out / graph)
+
+    def right(images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        images = preprocess.graph_pixels(images, graph_pre)
+        return tuple(run_onnx(g, images, eval_batch).argmax(1) == labels for g in (out / FP32_ONNX, device_graph))
+
+    result: dict[str, Any] = {"graph": graph, "arithmetic": runtime.arithmetic}
+    splits = {split: right(*split_arrays(meta, split)) for split in ("val", "test")}
+    for split, (fp32, low) in splits.items():
+        result |= {f"fp32_{split}_top1": float(fp32.mean()), f"{label}_{split}_top1": float(low.mean()),
+                   f"{split}_images": len(fp32)}
+    result["delta"] = result[f"{label}_val_top1"] - result["fp32_val_top1"]
+    fp32, low = splits["val"]
+    sources = {"val": len(fp32)}
+    flip_rate = float(np.mean(fp32 != low))
+    if not gate.resolves(len(fp32), max_drop, flip_rate):
+        from edgevit.export.quantize import held_out_train  # quantize imports this module (via export.onnx)
+
+        held = held_out_train(meta, calibration)
+        extra = min(gate.images_needed(max_drop, flip_rate) - len(fp32), len(held))
+        log.info("%d val images cannot resolve a %.1f-point drop (%.1f%% of them flip); the gate adds %d train "
+                 "images never used for calibration", len(fp32), 100 * max_drop, 100 * flip_rate, extra)
+        more = right(*_images(held, balanced_indices(held, extra)))
+        fp32, low = np.concatenate([fp32, more[0]]), np.concatenate([low, more[1]])
+        sources["train_held_out"] = extra
+    result["gate"] = {**gate.paired_gate(fp32, low, max_drop), "sources": sources}
+    if result["gate"]["detectable_drop"] > gate.RESOLUTION * max_drop:
+        log.warning("the %s gate rests on %d images, %.1f%% of which flip: it detects drops of %.1f%% or more",
+                    label.upper(), len(fp32), 100 * np.mean(fp32 != low), 100 * result["gate"]["detectable_drop"])
+    if not result["gate"]["passed"]:
         hint = "; try more calibration samples or another calibration method" if label == "int8" else ""
-        raise EdgeVitError(f"{label.upper()} val top-1 {low:.4f} is {fp32 - low:.4f} below FP32 {fp32:.4f} "
-                           f"(profile allows {max_drop}){hint}")
+        raise EdgeVitError(f"{label.upper()} {graph} loses accuracy beyond the profile's {max_drop:.3g}: "
+                           f"{gate.describe(result['gate'])}{hint}")
     return result
+
+
+def _images(dataset, rows: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    return (torch.stack([dataset[i][0] for i in rows]).numpy().astype(np.float32),
+            np.array([dataset.targets[i] for i in rows]))

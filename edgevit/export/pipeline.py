@@ -194,4 +194,5 @@ def _quantize(tmp: Path, meta, profile: Profile, runtime: Runtime, cal_images: n
     onnx_export.check(int8_graph)
     info |= runtime.check_int8(int8_graph, profile)
     samples = {"samples": cal_info["samples"] if cal_info else 0, "calibration": cal_info}
-    return {**checks.low_precision_top1(tmp, meta, profile, INT8_ONNX), **samples, **info}
+    calibrated = profile.calibration if cal_info else None
+    return {**checks.low_precision_accuracy(tmp, meta, profile, INT8_ONNX, runtime, calibrated), **samples, **info}

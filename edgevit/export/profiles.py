@@ -74,6 +74,10 @@ class Int8Options(_Strict):
     # q @ k^T and p @ v (activation x activation): INT8 fused attention on TensorRT where the block fits its rules
     quantize_attention_matmuls: bool = False
     per_channel: bool = True
+    # ONNX Runtime's CPU kernels multiply uint8 activations by these weights. int8 weights are summed exactly only
+    # with VNNI, AMX or on ARM (x86 AVX2 saturates pairs in int16, edgevit.cpu); int7 (weights within +-64, ORT's
+    # reduce_range) is exact on every CPU; uint8 runs ORT's u8u8 kernels. TensorRT takes int8.
+    weight_type: Literal["int8", "int7", "uint8"] = "int8"
     max_top1_drop: float = Field(0.01, ge=0, le=1, description="INT8 vs FP32 val top-1 drop that fails the export")
 
 
@@ -188,6 +192,9 @@ class Profile(_Strict):
             raise ValueError("fp16 is a tensorrt precision; onnxruntime profiles are fp32 or int8")
         if self.runtime == "tensorrt" and self.precision == "int8" and self.int8.quantizer == "dynamic":
             raise ValueError("dynamic quantization is ONNX Runtime only; tensorrt needs static Q/DQ")
+        if self.runtime == "tensorrt" and self.int8.weight_type != "int8":
+            raise ValueError(f"int8.weight_type {self.int8.weight_type} is for ONNX Runtime's CPU kernels; "
+                             "tensorrt takes int8")
         if self.tensorrt.dla_core is not None and not self.target.startswith("jetson"):
             raise ValueError("dla_core is only available on Jetson targets")
         return self

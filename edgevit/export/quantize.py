@@ -32,6 +32,7 @@ import numpy as np
 import onnx
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from torch.utils.data import Dataset, Subset
 
 from edgevit.data import DIGITS, balanced_indices, load_ref, load_split
 from edgevit.data.datasets import IMAGE_SUFFIXES, ImageFiles
@@ -85,32 +86,55 @@ def _folder_images(root: Path, meta: BundleMeta) -> ImageFiles:
     return ImageFiles(files, targets, [str(g) for g in groups], meta.preprocessing)
 
 
+def _calibration_source(cal: Calibration, meta: BundleMeta) -> tuple[Dataset, int, int, str, bool]:
+    """Where the calibration set draws from: the dataset, sample count, seed, a description, and whether the
+    dataset is the bundle's own train split."""
+    if cal.set == BUNDLE_SET:
+        dataset = load_ref(meta.data, "train", meta.preprocessing)
+        return dataset, cal.samples or DEFAULT_SAMPLES, cal.seed or 0, f"{meta.data.source} (train split)", True
+    manifest = load_manifest(cal.set)
+    if manifest.source == DIGITS:
+        if meta.data.source != DIGITS:
+            raise EdgeVitError(f"calibration set {cal.set!r} is digits but the bundle was trained on "
+                               f"{meta.data.source}; calibrate on images of the deployment data")
+        dataset = load_split(DIGITS, manifest.split, meta.preprocessing, meta.data.classes)
+    else:
+        dataset = _folder_images(Path(manifest.source), meta)
+    seed = manifest.seed if cal.seed is None else cal.seed
+    own_train = manifest.source == DIGITS and manifest.split == "train"
+    return dataset, cal.samples or manifest.samples, seed, manifest.source, own_train
+
+
 def calibration_images(cal: Calibration, meta: BundleMeta) -> tuple[np.ndarray, dict[str, Any]]:
     """The calibration batch (``N x C x H x W`` float32, preprocessed like the bundle) and its description.
 
     Raises an :class:`EdgeVitError` when the set holds fewer images than asked for.
     """
-    if cal.set == BUNDLE_SET:
-        dataset = load_ref(meta.data, "train", meta.preprocessing)
-        samples, seed, source = cal.samples or DEFAULT_SAMPLES, cal.seed or 0, f"{meta.data.source} (train split)"
-    else:
-        manifest = load_manifest(cal.set)
-        if manifest.source == DIGITS:
-            if meta.data.source != DIGITS:
-                raise EdgeVitError(f"calibration set {cal.set!r} is digits but the bundle was trained on "
-                                   f"{meta.data.source}; calibrate on images of the deployment data")
-            dataset = load_split(DIGITS, manifest.split, meta.preprocessing, meta.data.classes)
-        else:
-            dataset = _folder_images(Path(manifest.source), meta)
-        samples = cal.samples or manifest.samples
-        seed = manifest.seed if cal.seed is None else cal.seed
-        source = manifest.source
+    dataset, samples, seed, source, _ = _calibration_source(cal, meta)
     if len(dataset) < samples:
         raise EdgeVitError(f"calibration set {cal.set!r} has {len(dataset)} images but {samples} are needed; "
                            "add images or lower calibration.samples")
     rows = balanced_indices(dataset, samples, seed)
     images = torch.stack([dataset[i][0] for i in rows]).numpy().astype(np.float32)
     return images, {"set": cal.set, "source": source, "samples": samples, "seed": seed, "method": cal.method}
+
+
+def held_out_train(meta: BundleMeta, cal: Calibration | None) -> Subset:
+    """The bundle's train split less every image calibration ``cal`` draws (None: no calibration ran): images
+    a low-precision graph was never fitted to, for the accuracy gate when the val split is too small."""
+    train = load_ref(meta.data, "train", meta.preprocessing)
+    used: set[int] = set()
+    if cal is not None:
+        dataset, samples, seed, _, own_train = _calibration_source(cal, meta)
+        rows = balanced_indices(dataset, samples, seed)
+        if own_train:
+            used = set(rows)
+        elif isinstance(dataset, ImageFiles) and isinstance(train, ImageFiles):
+            files = {dataset.files[i].resolve() for i in rows}
+            used = {i for i, f in enumerate(train.files) if f.resolve() in files}
+    held = Subset(train, [i for i in range(len(train)) if i not in used])
+    held.targets = [train.targets[i] for i in held.indices]
+    return held
 
 
 @contextlib.contextmanager
@@ -189,6 +213,14 @@ def _ort_calibration_method(method: str):
             "percentile": CalibrationMethod.Percentile}[method]
 
 
+def _ort_weights(opts: Int8Options) -> dict[str, Any]:
+    """ONNX Runtime's quantizer arguments for the profile's ``weight_type`` (int7: int8 with ``reduce_range``)."""
+    from onnxruntime.quantization import QuantType
+
+    return {"weight_type": QuantType.QUInt8 if opts.weight_type == "uint8" else QuantType.QInt8,
+            "reduce_range": opts.weight_type == "int7"}
+
+
 def quantize_static(src: Path, dst: Path, images: np.ndarray, opts: Int8Options, method: str,
                     for_tensorrt: bool, batch: int, fp32_ops: list[str] = ()) -> dict[str, Any]:
     """ONNX Runtime static QDQ quantization of ``src``'s MatMul/Gemm nodes into ``dst``; for TensorRT the
@@ -209,27 +241,34 @@ def quantize_static(src: Path, dst: Path, images: np.ndarray, opts: Int8Options,
             with _quiet():
                 ort_static(str(named), str(dst), _Reader(graph.graph.input[0].name, images, batch),
                            quant_format=QuantFormat.QDQ, op_types_to_quantize=opts.ops, nodes_to_quantize=nodes,
-                           per_channel=opts.per_channel, activation_type=activation, weight_type=QuantType.QInt8,
-                           calibrate_method=_ort_calibration_method(method), extra_options=extra)
+                           per_channel=opts.per_channel, activation_type=activation,
+                           calibrate_method=_ort_calibration_method(method), extra_options=extra,
+                           **_ort_weights(opts))
         finally:
             for leftover in dst.parent.glob("augmented_model*.onnx"):
                 leftover.unlink()
     if for_tensorrt:
         onnx_export.to_fp16(dst, dst, list(fp32_ops))
     return {"method": "onnxruntime-static-qdq", "quantized_nodes": len(nodes),
-            "activations": "int8-symmetric" if for_tensorrt else "uint8", "per_channel": opts.per_channel}
+            "activations": "int8-symmetric" if for_tensorrt else "uint8", "weights": opts.weight_type,
+            "per_channel": opts.per_channel}
 
 
 def quantize_dynamic(src: Path, dst: Path, opts: Int8Options) -> dict[str, Any]:
     """ONNX Runtime dynamic quantization: int8 weights of MatMul/Gemm, activation ranges at run time."""
-    from onnxruntime.quantization import QuantType
     from onnxruntime.quantization import quantize_dynamic as ort_dynamic
 
     with _named_copy(src, dst) as (named, graph), _quiet():
         nodes = weight_nodes(graph, opts.ops, opts.quantize_attention_matmuls)
-        ort_dynamic(str(named), str(dst), op_types_to_quantize=opts.ops, nodes_to_quantize=nodes,
-                    per_channel=opts.per_channel, weight_type=QuantType.QInt8)
-    return {"method": "onnxruntime-dynamic", "quantized_nodes": len(nodes), "per_channel": opts.per_channel}
+        gemms = [n.name for n in graph.graph.node if n.op_type == "Gemm" and n.name in nodes]
+        # ORT's integer ops have no Gemm: it splits each into MatMul (named "<gemm>_MatMul") + Add first
+        ort_dynamic(str(named), str(dst), op_types_to_quantize=[*opts.ops, "MatMul"],
+                    nodes_to_quantize=nodes + [f"{name}_MatMul" for name in gemms],
+                    per_channel=opts.per_channel, **_ort_weights(opts))
+    integer = ("MatMulInteger", "QAttention", "DynamicQuantizeMatMul")
+    quantized = sum(n.op_type in integer for n in onnx.load(str(dst), load_external_data=False).graph.node)
+    return {"method": "onnxruntime-dynamic", "quantized_nodes": quantized, "weights": opts.weight_type,
+            "per_channel": opts.per_channel}
 
 
 def modelopt_available() -> bool:

@@ -6,6 +6,8 @@ parity, INT8 quantization and its accuracy gate) and calls the profile's runtime
 - :meth:`Runtime.fp32_graph`: check or rewrite ``model.onnx`` before parity (TensorRT: standard ops only;
   ONNX Runtime: its fused ``com.microsoft`` kernels);
 - :meth:`Runtime.check_int8`: check ``model.int8.onnx`` fits the runtime;
+- :meth:`Runtime.device_graph`: what ONNX Runtime runs on the CPU to measure a low-precision graph's accuracy as
+  the runtime computes it (TensorRT: the fake-quant proxy);
 - :meth:`Runtime.low_precision`: a low-precision graph other than INT8 (TensorRT FP16), with its accuracy;
 - :meth:`Runtime.finish`: what the runtime records once the deploy graph exists (fusions ORT builds, the
   TensorRT build script and precision report).
@@ -16,6 +18,7 @@ written beside the graph (Triton, DeepStream) is an emitter module instead (``pi
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any, ClassVar
@@ -23,8 +26,9 @@ from typing import Any, ClassVar
 import onnx
 from torch import nn
 
+from edgevit import cpu
 from edgevit.errors import EdgeVitError
-from edgevit.export import checks, ort_graph, precision
+from edgevit.export import checks, fakequant, ort_graph, precision
 from edgevit.export import onnx as onnx_export
 from edgevit.export.artifacts import FP16_ONNX, FP32_ONNX, INT8_ONNX, SCRIPT
 from edgevit.export.profiles import Profile
@@ -32,11 +36,14 @@ from edgevit.export.tensorrt import build_plan
 from edgevit.export.trtexec import build_script
 from edgevit.vit.bundle import BundleMeta
 
+log = logging.getLogger("edgevit")
+
 
 class Runtime:
     """The runtime-specific steps of an export; each returns what export.json records under ``graph``."""
 
     name: ClassVar[str]
+    arithmetic: ClassVar[str]  # how the export measures a low-precision graph's accuracy (export.json)
 
     def fp32_graph(self, out: Path, graph: onnx.ModelProto, model: nn.Module, profile: Profile) -> dict[str, Any]:
         """Check or rewrite ``out/model.onnx`` (``graph`` is it as loaded) before the parity check."""
@@ -45,6 +52,10 @@ class Runtime:
     def check_int8(self, graph: onnx.ModelProto, profile: Profile) -> dict[str, Any]:
         """Raise :class:`EdgeVitError` if the quantized ``graph`` does not fit this runtime."""
         return {}
+
+    def device_graph(self, path: Path) -> Path | bytes:
+        """What ONNX Runtime runs on the CPU to compute the graph ``path`` as this runtime does."""
+        return path
 
     def low_precision(self, out: Path, meta: BundleMeta, profile: Profile) -> dict[str, Any] | None:
         """Write a non-INT8 low-precision graph the profile asks for and return its accuracy (None: none)."""
@@ -69,6 +80,16 @@ class OnnxRuntime(Runtime):
     """ONNX Runtime on a CPU: the graph may use ORT's ``com.microsoft`` kernels (``ort_fusions``)."""
 
     name = "onnxruntime"
+    arithmetic = "ONNX Runtime's CPU kernels on the exporting machine"
+
+    def check_int8(self, graph: onnx.ModelProto, profile: Profile) -> dict[str, Any]:
+        """Record the CPU the graph is verified on and what its weights need from the CPU that runs it."""
+        here = cpu.cpu_info()
+        needs = cpu.EXACT_U8S8 if profile.int8.weight_type == "int8" else None
+        if cpu.lacks(needs, here):
+            log.warning("%s: int8 weights need %s; %s, so the accuracy gate measures this CPU's saturating "
+                        "arithmetic (int7 weights are exact everywhere)", INT8_ONNX, needs, cpu.lacks(needs, here))
+        return {"cpu": {"verified_on": here.record(), "weights": profile.int8.weight_type, "needs": needs}}
 
     def fp32_graph(self, out: Path, graph: onnx.ModelProto, model: nn.Module, profile: Profile) -> dict[str, Any]:
         path = out / FP32_ONNX
@@ -92,6 +113,7 @@ class TensorRT(Runtime):
     """TensorRT on Jetson or a desktop GPU: standard ops only, precision in the graph (strongly typed)."""
 
     name = "tensorrt"
+    arithmetic = "fake quantization in FP32 (edgevit.export.fakequant): the graph's Q/DQ and FP16 roundings"
 
     def fp32_graph(self, out: Path, graph: onnx.ModelProto, model: nn.Module, profile: Profile) -> dict[str, Any]:
         checks.check_standard_ops(graph, FP32_ONNX)
@@ -106,7 +128,10 @@ class TensorRT(Runtime):
             return None
         onnx_export.to_fp16(out / FP32_ONNX, out / FP16_ONNX, profile.tensorrt.fp32_ops)
         checks.check_standard_ops(onnx.load(str(out / FP16_ONNX)), FP16_ONNX)
-        return checks.low_precision_top1(out, meta, profile, FP16_ONNX)
+        return checks.low_precision_accuracy(out, meta, profile, FP16_ONNX, self, None)
+
+    def device_graph(self, path: Path) -> bytes:
+        return fakequant.fake_quant(onnx.load(str(path))).SerializeToString()
 
     def finish(self, out: Path, model: nn.Module, profile: Profile, deploy: str, dims: list[int]) -> dict[str, Any]:
         plans = {major: build_plan(profile, deploy, f"{major}.0") for major in (10, 11)}
