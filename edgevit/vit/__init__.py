@@ -1,6 +1,6 @@
 """The only code that knows ViT internals: attention, graph surgery, bundles."""
 
-from edgevit.vit import adapters, memory  # noqa: F401  (importing them registers their surgery ops)
+from edgevit.vit import adapters, memory, prompts  # noqa: F401  (importing them registers their surgery ops)
 from edgevit.vit.attention import EdgeAttention, split_qkv
 from edgevit.vit.bundle import BundleMeta, DataRef, Preprocessing, load_bundle, read_meta, save_bundle
 from edgevit.vit.model import (

@@ -31,7 +31,6 @@ from torch import nn
 
 from edgevit.vit.surgery import register
 
-ADAPTED = ("qkv", "proj", "fc1", "fc2")
 ROUTERS = "adapter_routers"
 
 

@@ -23,11 +23,15 @@ checkpoint, never here.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from edgevit.vit.model import attention
+from edgevit.vit.attention import split_qkv
+from edgevit.vit.model import attention, pooled_tokens
 from edgevit.vit.surgery import register
 
 
@@ -114,3 +118,32 @@ def memory_table(model: VisionTransformer, block: int, slots: int, topk: int | N
     if attn.memory is not None:
         raise ValueError(f"block {block} already has a memory branch")
     attn.memory = MemoryTable(attn.num_heads, slots, attn.head_dim, topk)
+
+
+def set_memory(model: VisionTransformer, block: int, table: MemoryTable) -> None:
+    """Make ``block`` read ``table`` (in place of its own, if it has one)."""
+    attention(model, block).memory = table
+
+
+@contextmanager
+def capture_pooled_kv(model: VisionTransformer, block: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Record, per forward pass inside the context, each image's key and value in ``block`` for the tokens the
+    head pools (:func:`~edgevit.vit.model.pooled_tokens`, averaged: the class token, or the mean patch token),
+    ``B x H x d_h`` each and detached; keys after the block's key norm, as its attention reads them.
+
+    Yields ``{"keys": ..., "values": ...}``, overwritten by every forward pass.
+    """
+    attn = attention(model, block)
+    pooled = pooled_tokens(model)
+    captured: dict[str, torch.Tensor] = {}
+
+    def hook(module, args, output):
+        _, k, v = split_qkv(attn, output.detach())
+        captured["keys"] = attn.k_norm(k)[:, :, pooled].mean(2)
+        captured["values"] = v[:, :, pooled].mean(2)
+
+    handle = attn.qkv.register_forward_hook(hook)
+    try:
+        yield captured
+    finally:
+        handle.remove()

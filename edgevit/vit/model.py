@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
@@ -74,6 +75,47 @@ def capture_attention_logits(model: VisionTransformer, blocks: Iterable[int]) ->
         captured.clear()
 
 
+def num_blocks(model: VisionTransformer) -> int:
+    """How many blocks ``model`` has (skip-pruned ones included)."""
+    return len(model.blocks)
+
+
+def block_index(model: VisionTransformer, block: int) -> int:
+    """``block`` as a non-negative index (negative counts from the end); IndexError when out of range."""
+    return range(num_blocks(model))[block]
+
+
+def input_size(model: VisionTransformer) -> tuple[int, int]:
+    """The image side(s) ``model`` was built for."""
+    return tuple(model.patch_embed.img_size)
+
+
+def num_tokens(model: VisionTransformer) -> int:
+    """Tokens the blocks attend over at the built input size: patches plus prefix (class, register) tokens."""
+    return model.patch_embed.num_patches + model.num_prefix_tokens
+
+
+def patch_area(model: VisionTransformer) -> int:
+    """Input values one patch embedding reads: ``in_chans * patch_h * patch_w``."""
+    proj = model.patch_embed.proj
+    return proj.in_channels * math.prod(proj.kernel_size)
+
+
+def pooled_tokens(model: VisionTransformer) -> slice:
+    """The token positions the classifier head reads: the class token under ``global_pool='token'``, the patch
+    tokens under average/max pooling, every token under attention pooling or pooling that includes the prefix."""
+    if model.global_pool == "token":
+        return slice(0, 1)
+    if model.global_pool in ("avg", "max", "avgmax") and not getattr(model, "pool_include_prefix", False):
+        return slice(model.num_prefix_tokens, None)
+    return slice(None)
+
+
+def pooled_features(model: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
+    """What the classifier head reads (``B x d``): the pooled, normalised tokens."""
+    return model.forward_head(model.forward_features(images), pre_logits=True)
+
+
 def attention_blocks(model: VisionTransformer) -> list[int]:
     """Indices of the blocks that still have an attention sub-layer (skip-pruned ones have none)."""
     return [i for i, b in enumerate(model.blocks) if isinstance(getattr(b, "attn", None), EdgeAttention)]
@@ -110,3 +152,34 @@ def injected_attention(model: VisionTransformer, probs: dict[int, torch.Tensor])
     finally:
         for layer in layers.values():
             layer.injected_probs = None
+
+
+@contextmanager
+def capture_attention_branches(model: VisionTransformer, blocks: Iterable[int]) -> Iterator[dict]:
+    """Record, per forward pass inside the context, each of ``blocks``' input ``x`` and its attention branch
+    ``ls1(attn(norm1(x)))``, what the block adds to ``x`` (fp32 ``B x N x d`` each).
+
+    Yields ``{block: (x, branch)}``, overwritten by every forward pass.
+    """
+    captured: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    handles = []
+    for b in blocks:
+        block = model.blocks[b]
+        handles.append(block.register_forward_pre_hook(
+            lambda module, args, b=b: captured.__setitem__(b, (args[0].float(), None))))
+        # ls1 ends the attention branch (an Identity without LayerScale, whose hooks fire all the same).
+        handles.append(block.ls1.register_forward_hook(
+            lambda module, args, out, b=b: captured.__setitem__(b, (captured[b][0], out.float()))))
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def query_key_product(model: VisionTransformer, block: int) -> torch.Tensor:
+    """``W_q W_k^T`` (``d x d``) of ``block``'s attention with right-multiplied projections (``q = x W_q``), so
+    its attention logits are ``X (W_q W_k^T) X^T`` up to the scale (and the q/k norms, if any)."""
+    qkv = attention(model, block).qkv
+    weight = qkv.weight.detach().float()
+    return weight[:qkv.in_features].T @ weight[qkv.in_features:2 * qkv.in_features]

@@ -15,7 +15,6 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from edgevit.errors import EdgeVitError
-from edgevit.vit.model import attention
 
 SurgeryOp = Callable[..., None]
 SURGERY: dict[str, SurgeryOp] = {}
@@ -81,38 +80,3 @@ def skip_attention(model: VisionTransformer, blocks: Sequence[int]) -> None:
         if not isinstance(block, Block):
             raise ValueError(f"block {b} is a {type(block).__name__}, not a pre-norm timm Block")
         model.blocks[b] = MlpOnlyBlock(block)
-
-
-@register("prefix_kv")
-def prefix_kv(model: VisionTransformer, tokens: int, blocks: Sequence[int] | None = None) -> None:
-    """Give each listed block (default: all) ``tokens`` constant prefix keys/values (merged deep prompts)."""
-    for b in range(len(model.blocks)) if blocks is None else blocks:
-        attn = attention(model, b)
-        zeros = torch.zeros(attn.num_heads, tokens, attn.head_dim)
-        attn.set_prefix(zeros, zeros)
-
-
-class PromptTokens(nn.Module):
-    """Inserts ``M`` learned tokens after the prefix (class/register) tokens: shallow prompts.
-
-    Wraps the model's ``norm_pre`` so it runs after the position embedding, as in VPT-shallow.
-    """
-
-    def __init__(self, tokens: int, dim: int, num_prefix_tokens: int, inner: nn.Module) -> None:
-        super().__init__()
-        self.prompts = nn.Parameter(torch.zeros(1, tokens, dim))
-        self.num_prefix_tokens = num_prefix_tokens
-        self.inner = inner
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n = self.num_prefix_tokens
-        prompts = self.prompts.expand(x.shape[0], -1, -1).to(x.dtype)
-        return self.inner(torch.cat([x[:, :n], prompts, x[:, n:]], dim=1))
-
-
-@register("prompt_tokens")
-def prompt_tokens(model: VisionTransformer, tokens: int) -> None:
-    """Carry ``tokens`` shallow prompt tokens through every block (pooling ignores them)."""
-    model.norm_pre = PromptTokens(tokens, model.embed_dim, model.num_prefix_tokens, model.norm_pre)
-    # Pooling skips the first num_prefix_tokens tokens; counting the prompts there keeps them out of it.
-    model.num_prefix_tokens += tokens
