@@ -2,6 +2,7 @@
 
 from edgevit.data.datasets import (
     DIGITS,
+    augmentation,
     classifier_classes,
     data_ref,
     default_input,
@@ -21,6 +22,7 @@ from edgevit.data.transforms import default_preprocessing, image_to_tensor
 
 __all__ = [
     "DIGITS",
+    "augmentation",
     "balanced_indices",
     "calibration_batch",
     "class_balanced_weights",

@@ -12,7 +12,7 @@ import hashlib
 import importlib.util
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -22,14 +22,17 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from edgevit.data.transforms import (
-    Augment,
+    SHIFT,
     Transform,
     default_preprocessing,
     eval_transform,
+    folder_augmentation,
     normalize,
+    random_shift,
     train_transform,
 )
 from edgevit.errors import EdgeVitError
+from edgevit.train.config import Augment
 from edgevit.vit.bundle import BundleMeta, DataRef, Preprocessing
 
 log = logging.getLogger("edgevit")
@@ -42,18 +45,31 @@ SPLIT_SEED = 0
 
 
 class TensorImages(Dataset):
-    """Images already decoded into one ``N x C x H x W`` tensor (small sets such as digits)."""
+    """Images already decoded into one ``N x C x H x W`` tensor (small sets such as digits).
 
-    def __init__(self, images: torch.Tensor, targets: Sequence[int], classes: list[str]) -> None:
+    Args:
+        images: the preprocessed images.
+        targets: their labels.
+        classes: label names.
+        transform: applied to each image as it is read (training augmentation), or None.
+        augmentation: what ``transform`` does, as provenance records it.
+    """
+
+    def __init__(self, images: torch.Tensor, targets: Sequence[int], classes: list[str],
+                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 augmentation: dict | None = None) -> None:
         self.images = images
         self.targets = list(targets)
         self.classes = classes
+        self.transform = transform
+        self.augmentation = augmentation
 
     def __len__(self) -> int:
         return len(self.targets)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.images[i], self.targets[i]
+        image = self.images[i]
+        return (self.transform(image) if self.transform else image), self.targets[i]
 
 
 class ImageFiles(Dataset):
@@ -66,15 +82,16 @@ class ImageFiles(Dataset):
         classes: label names.
         pre: the model's preprocessing (the eval transform unless ``transform`` is given).
         transform: PIL image -> tensor, e.g. :func:`edgevit.data.transforms.train_transform`.
+        augmentation: what ``transform`` does, as provenance records it.
     """
 
     def __init__(self, files: list[Path], targets: list[int], classes: list[str], pre: Preprocessing,
-                 transform: Transform | None = None) -> None:
+                 transform: Transform | None = None, augmentation: dict | None = None) -> None:
         self.files = files
         self.targets = targets
         self.classes = classes
         self.pre = pre
-        self.augments = transform is not None
+        self.augmentation = augmentation
         self.transform = transform or eval_transform(pre)
 
     def __len__(self) -> int:
@@ -140,7 +157,7 @@ def _select_classes(all_classes: list[str], classes: list[str] | None) -> list[s
     return list(classes)
 
 
-def _load_digits(split: str, pre: Preprocessing, classes: list[str] | None) -> TensorImages:
+def _load_digits(split: str, pre: Preprocessing, classes: list[str] | None, augment: Augment | None) -> TensorImages:
     images, labels = digits_images(pre.size)
     images = images.expand(-1, pre.channels, -1, -1)
     all_classes = [str(c) for c in range(10)]
@@ -148,7 +165,9 @@ def _load_digits(split: str, pre: Preprocessing, classes: list[str] | None) -> T
     index = {all_classes.index(c): i for i, c in enumerate(keep)}
     rows = [i for i in _split_indices(labels, split) if int(labels[i]) in index]
     targets = [index[int(labels[i])] for i in rows]
-    return TensorImages(normalize(images[rows], pre), targets, keep)
+    if augment is None:
+        return TensorImages(normalize(images[rows], pre), targets, keep)
+    return TensorImages(normalize(images[rows], pre), targets, keep, random_shift, dict(SHIFT))
 
 
 def _is_image(path: Path) -> bool:
@@ -215,7 +234,9 @@ def _load_folder(root: Path, split: str, pre: Preprocessing, classes: list[str] 
         files, targets = [all_files[i] for i in rows], [all_targets[i] for i in rows]
     if not files:
         raise EdgeVitError(f"the {split} split of {root} is empty")
-    return ImageFiles(files, targets, keep, pre, train_transform(pre, augment) if augment else None)
+    if augment is None:
+        return ImageFiles(files, targets, keep, pre)
+    return ImageFiles(files, targets, keep, pre, train_transform(pre, augment), folder_augmentation(augment))
 
 
 def load_split(source: str, split: str, pre: Preprocessing, classes: list[str] | None = None,
@@ -227,18 +248,25 @@ def load_split(source: str, split: str, pre: Preprocessing, classes: list[str] |
         split: ``train``, ``val`` or ``test``.
         pre: the preprocessing of the model that will read the images.
         classes: a subset of the source's classes, in label order (default: all, sorted).
-        augment: for image folders, timm's training transform with these settings instead of the eval one
-            (the images then arrive augmented and the training loop adds nothing); digits ignore it and are
-            augmented in the loop (``TrainConfig.augment``).
+        augment: training augmentation (``TrainConfig.augment``): timm's training transform with these settings
+            instead of the eval one for image folders, a random shift for digits; the images then arrive
+            augmented, and the dataset's ``augmentation`` says how. None: the images as evaluated.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if source == DIGITS:
-        return _load_digits(split, pre, classes)
+        return _load_digits(split, pre, classes, augment)
     root = Path(source)
     if not root.is_dir():
         raise EdgeVitError(f"data {source!r} is neither 'digits' nor an image folder")
     return _load_folder(root, split, pre, classes, augment)
+
+
+def augmentation(dataset: Dataset) -> dict | None:
+    """What augments ``dataset``'s images (None: nothing), looking through ``Subset``-like wrappers."""
+    while not hasattr(dataset, "augmentation") and hasattr(dataset, "dataset"):
+        dataset = dataset.dataset
+    return getattr(dataset, "augmentation", None)
 
 
 def source_classes(source: str) -> list[str]:

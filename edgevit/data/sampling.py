@@ -55,10 +55,12 @@ def calibration_batch(dataset: Dataset, n: int, seed: int = 0) -> torch.Tensor:
     return torch.stack([dataset[i][0] for i in balanced_indices(dataset, n, seed)])
 
 
-def fraction_subset(dataset: Dataset, fraction: float, seed: int = 0) -> Subset:
-    """A class-stratified ``fraction`` of ``dataset`` (at least one image per class)."""
+def fraction_subset(dataset: Dataset, fraction: float, seed: int = 0) -> Dataset:
+    """A class-stratified ``fraction`` of ``dataset`` (at least one image per class; all of it: ``dataset``)."""
     if not 0 < fraction <= 1:
         raise EdgeVitError(f"data fraction must be in (0, 1], got {fraction}")
+    if fraction == 1:
+        return dataset
     rows = [i for idx in _by_class(dataset, seed) for i in idx[:max(1, round(fraction * len(idx)))]]
     subset = Subset(dataset, sorted(rows))
     subset.targets = [dataset.targets[i] for i in subset.indices]

@@ -3,19 +3,24 @@
 Eval (and export, profiling, prediction): timm's eval transform. ``crop_mode`` ``squash`` resizes both sides to
 ``size / crop_pct`` (aspect ratio not kept; at ``crop_pct`` 1 nothing is cut off); ``center`` resizes the
 shorter side to ``floor(size / crop_pct)`` and cuts the centre ``size x size`` out, as timm evaluates its
-pretrained models. Training: timm's RandomResizedCrop pipeline, flips only where the user allows them.
+pretrained models. Training (:class:`~edgevit.train.Augment`, the same for every method): timm's
+RandomResizedCrop pipeline for image files, flips only where the user allows them; :func:`random_shift` for
+the embedded digits. Each draws from the global generators, which the training loop seeds per image.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from functools import partial
+from dataclasses import asdict
+from functools import cache, partial
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from edgevit.errors import EdgeVitError
+from edgevit.train.config import Augment
 from edgevit.vit.bundle import Preprocessing
 
 Transform = Callable[[Image.Image], torch.Tensor]
@@ -92,24 +97,6 @@ def eval_transform(pre: Preprocessing) -> Transform:
     return _with_mode(pre, tf)
 
 
-@dataclass(frozen=True)
-class Augment:
-    """Training augmentation for image files (timm's RandomResizedCrop pipeline).
-
-    Args:
-        scale: RandomResizedCrop area range (fraction of the image kept).
-        hflip: horizontal flip probability (0: parts may be orientation-sensitive).
-        vflip: vertical flip probability.
-        auto_augment: a timm auto-augment config (``rand-m9-mstd0.5`` RandAugment, ``augmix-m5``, ``original``
-            AutoAugment) or ``trivial`` (:data:`TRIVIAL_AUGMENT`); None: none.
-    """
-
-    scale: tuple[float, float] = (0.5, 1.0)
-    hflip: float = 0.0
-    vflip: float = 0.0
-    auto_augment: str | None = None
-
-
 # TrivialAugment (Mueller & Hutter 2021) in timm's RandAugment: one op per image, always applied, magnitude drawn
 # uniformly from 0..10 (mstd above 100 means uniform). The ops and their ranges are timm's RandAugment ones.
 TRIVIAL_AUGMENT = "rand-n1-m10-mstd101-p1.0"
@@ -120,9 +107,6 @@ def train_transform(pre: Preprocessing, augment: Augment) -> Transform:
     ``augment.auto_augment`` may still add RandAugment's colour ops when the user asks for them)."""
     from timm.data import create_transform
 
-    lo, hi = augment.scale
-    if not 0 < lo <= hi <= 1:
-        raise EdgeVitError(f"--scale must satisfy 0 < min <= max <= 1, got {lo},{hi}")
     auto = TRIVIAL_AUGMENT if augment.auto_augment == "trivial" else augment.auto_augment
     try:
         tf = create_transform(pre.size, is_training=True, scale=augment.scale, hflip=augment.hflip,
@@ -132,6 +116,31 @@ def train_transform(pre: Preprocessing, augment: Augment) -> Transform:
         raise EdgeVitError(f"--auto-augment {augment.auto_augment!r} is not a timm auto-augment config (e.g. "
                            "rand-m9-mstd0.5, trivial, augmix-m5, original)") from None
     return _with_mode(pre, tf)
+
+
+def folder_augmentation(augment: Augment) -> dict[str, Any]:
+    """What :func:`train_transform` runs, as a bundle's provenance records it."""
+    return {"transform": "timm RandomResizedCrop", **asdict(augment)}
+
+
+# The digits' augmentation: a random translation of up to 1/16 of the side each way and a scale in 0.9-1.1 (a
+# flip or a crop can turn one digit into another).
+SHIFT = {"transform": "random shift", "translate": 1 / 16, "scale": (0.9, 1.1)}
+
+
+@cache
+def _pixel_grid(height: int, width: int) -> torch.Tensor:
+    """``1 x H x W x 2`` sampling coordinates of every pixel centre (grid_sample's, in [-1, 1])."""
+    return F.affine_grid(torch.eye(2, 3)[None], [1, 1, height, width], align_corners=False)
+
+
+def random_shift(image: torch.Tensor) -> torch.Tensor:
+    """One ``C x H x W`` image shifted and scaled at random (:data:`SHIFT`; the border pixels fill in)."""
+    scale, shift = torch.rand(1), torch.rand(2)
+    lo, hi = SHIFT["scale"]
+    offset = (shift - 0.5) * 4 * SHIFT["translate"]  # grid coordinates span 2 per side
+    grid = _pixel_grid(*image.shape[-2:]) * (lo + (hi - lo) * scale) + offset
+    return F.grid_sample(image[None], grid.to(image.dtype), padding_mode="border", align_corners=False)[0]
 
 
 def normalize(x: torch.Tensor, pre: Preprocessing) -> torch.Tensor:

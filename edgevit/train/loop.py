@@ -13,7 +13,12 @@ on which worker draws it or on how many epochs that worker has already run: a re
 augmented batches.
 
 Methods customise training through ``loss_fn(model, images, labels) -> (loss, logits)`` and by passing
-a module that holds everything trainable (frozen parts simply have ``requires_grad=False``).
+a module that holds everything trainable (frozen parts simply have ``requires_grad=False``). The training
+images arrive augmented by the dataset (``edgevit.data.load_split(..., augment=cfg.augment)``): the loop only
+seeds each image's draw.
+
+:func:`fit` is made of small pieces, each usable alone: :class:`TrainState` (what a checkpoint holds; save and
+resume), :class:`Stepper` (one optimizer step: schedule, AMP, clipping), :func:`train_epoch`, :func:`evaluate`.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +40,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from edgevit.data.sampling import class_balanced_weights, class_counts
+from edgevit.data import augmentation, class_balanced_weights, class_counts
 from edgevit.errors import EdgeVitError
+from edgevit.train.config import TrainConfig
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 CHECKPOINT = "checkpoint.pt"
@@ -47,52 +53,15 @@ console = Console(stderr=True)
 
 
 @dataclass
-class TrainConfig:
-    """Optimisation settings shared by every method.
-
-    Args:
-        epochs: passes over the training split.
-        batch_size: global batch size (split across DDP ranks).
-        lr: peak learning rate after warm-up.
-        weight_decay: AdamW decay, not applied to norms, biases, tokens and position embeddings.
-        warmup_epochs: linear warm-up length.
-        label_smoothing: cross-entropy label smoothing for the default loss.
-        augment: ``none``, ``shift`` (random translate/scale) or ``shift-flip`` (plus horizontal flip).
-        amp: mixed precision when training on CUDA.
-        grad_clip: max gradient norm (0 disables).
-        seed: seeds initialisation, data order and augmentation.
-        workers: DataLoader worker processes decoding and augmenting image files (in-memory tensor
-            sources such as digits are read in the training process).
-        balance: draw each epoch's images with replacement, weighted by the inverse of their class's count,
-            so rare classes (defects) are seen as often as common ones.
-        mixup: timm ``Mixup`` alpha for mixup (0: off); the default loss becomes soft-target cross-entropy
-            with ``label_smoothing`` folded into the mixed targets (the training top-1 is then measured on
-            mixed images).
-        cutmix: timm ``Mixup`` alpha for cutmix (0: off); with both on, each batch picks one (p 0.5).
-    """
-
-    epochs: int = 30
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    warmup_epochs: float = 2.0
-    label_smoothing: float = 0.1
-    augment: str = "shift"
-    amp: bool = True
-    grad_clip: float = 1.0
-    seed: int = 0
-    workers: int = 2
-    balance: bool = False
-    mixup: float = 0.0
-    cutmix: float = 0.0
-
-
-@dataclass
 class TrainResult:
+    """What :func:`fit` did: epochs and optimizer steps in all, seconds of this call, one record per epoch, and
+    the augmentation the training images went through (the dataset's own record; None: none)."""
+
     epochs: int
     steps: int
     seconds: float
     history: list[dict]
+    augment: dict | None = None
 
 
 def cross_entropy_loss(label_smoothing: float) -> LossFn:
@@ -116,40 +85,18 @@ def soft_target_loss() -> LossFn:
     return loss_fn
 
 
-def batch_mixer(cfg: TrainConfig, num_classes: int, per_rank_batch: int):
-    """timm's ``Mixup`` for ``cfg`` (None when mixup and cutmix are off). It draws from numpy's global
-    generator, which :func:`fit` seeds before every batch from the epoch seed and step, so that a resumed run
-    mixes the same pairs with the same weights."""
-    if cfg.mixup < 0 or cfg.cutmix < 0:
-        raise EdgeVitError(f"--mixup and --cutmix take alphas >= 0, got {cfg.mixup} and {cfg.cutmix}")
-    if not (cfg.mixup or cfg.cutmix):
+def batch_mixer(cfg: TrainConfig, num_classes: int):
+    """timm's ``Mixup`` for ``cfg`` (None when mixup and cutmix are off; ``cfg`` has checked the alphas and the
+    batch). It draws from numpy's global generator, which :func:`train_epoch` seeds before every batch from the
+    epoch seed and step, so that a resumed run mixes the same pairs with the same weights."""
+    if not cfg.mixes:
         return None
     if num_classes < 2:
         raise EdgeVitError("mixup/cutmix need a training set that names its classes")
-    if per_rank_batch % 2:
-        raise EdgeVitError(f"mixup/cutmix pair each batch with its reverse: the batch per process must be even, "
-                           f"got {per_rank_batch}")
     from timm.data import Mixup
 
     return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
                  num_classes=num_classes)
-
-
-def augment_batch(images: torch.Tensor, mode: str, generator: torch.Generator) -> torch.Tensor:
-    """Random translation (up to 1/8 of the side) and scale (0.9-1.1) per image; optional h-flip."""
-    if mode == "none":
-        return images
-    if mode not in ("shift", "shift-flip"):
-        raise EdgeVitError(f"unknown augmentation {mode!r} (none, shift, shift-flip)")
-    b = images.shape[0]
-    rand = torch.rand(b, 4, generator=generator)
-    scale = 0.9 + 0.2 * rand[:, 0]
-    sx = scale * torch.where((rand[:, 3] < 0.5) & (mode == "shift-flip"), -1.0, 1.0)
-    theta = torch.zeros(b, 2, 3)
-    theta[:, 0, 0], theta[:, 1, 1] = sx, scale
-    theta[:, :, 2] = (rand[:, 1:3] - 0.5) * 0.25
-    grid = F.affine_grid(theta.to(images), list(images.shape), align_corners=False)
-    return F.grid_sample(images, grid, padding_mode="border", align_corners=False)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -252,7 +199,7 @@ class SeededItems(Dataset):
 
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
-        self.augments = _augments_itself(dataset)
+        self.augments = augmentation(dataset) is not None
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -262,7 +209,7 @@ class SeededItems(Dataset):
         if self.augments:
             random.seed(seed)
             np.random.seed(seed)
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)  # CPU transforms: torch.manual_seed costs 100x (every device)
         return self.dataset[index]
 
 
@@ -272,11 +219,6 @@ def _decodes_files(dataset: Dataset) -> bool:
     return hasattr(base, "files")
 
 
-def _augments_itself(dataset: Dataset) -> bool:
-    """Whether ``dataset`` returns augmented images (timm's training transform), so the loop adds nothing."""
-    return getattr(getattr(dataset, "dataset", dataset), "augments", False)
-
-
 def train_loader(dataset: Dataset, sampler: EpochBatches, workers: int, device: torch.device) -> DataLoader:
     """The run's training loader: file decoding and augmentation in ``workers`` processes that persist across
     epochs (no re-spawn and re-import per epoch), pinned memory on CUDA. In-memory tensor sources are read in
@@ -284,13 +226,6 @@ def train_loader(dataset: Dataset, sampler: EpochBatches, workers: int, device: 
     workers = workers if _decodes_files(dataset) else 0
     return DataLoader(SeededItems(dataset), batch_sampler=sampler, num_workers=workers,
                       pin_memory=device.type == "cuda", persistent_workers=workers > 0)
-
-
-def _save_checkpoint(path: Path, state: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -334,6 +269,135 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = EVAL_BATCH, w
     return correct / max(1, len(dataset))
 
 
+@dataclass
+class TrainState:
+    """What a checkpoint holds and every step advances: the model, its optimizer, the epochs and optimizer steps
+    done so far, and one record per finished epoch."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    epoch: int = 0
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+
+    def save(self, path: Path, cfg: TrainConfig) -> None:
+        """Write the checkpoint atomically (a kill leaves the previous one)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "epoch": self.epoch,
+                    "step": self.step, "history": self.history, "config": asdict(cfg)}, tmp)
+        os.replace(tmp, path)
+
+    def resume(self, path: Path) -> None:
+        """Continue from the checkpoint at ``path``."""
+        state = load_checkpoint(path)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.epoch, self.step, self.history = state["epoch"], state["step"], state["history"]
+
+
+class Stepper:
+    """One optimizer step: the warm-up/cosine learning rate of the step, the forward pass under AMP (bf16 where
+    the GPU has it, fp16 with loss scaling otherwise, fp32 on the CPU), backward, gradient clipping.
+
+    Args:
+        state: the model and optimizer (its ``step`` is advanced).
+        cfg: the optimisation settings.
+        total: optimizer steps of the whole run.
+        steps_per_epoch: for the warm-up length.
+        device: where the model runs.
+    """
+
+    def __init__(self, state: TrainState, cfg: TrainConfig, total: int, steps_per_epoch: int,
+                 device: torch.device) -> None:
+        self.state, self.cfg, self.total = state, cfg, total
+        self.warmup = min(total, round(cfg.warmup_epochs * steps_per_epoch))
+        self.amp = cfg.amp and device.type == "cuda"
+        self.dtype = torch.bfloat16 if self.amp and torch.cuda.is_bf16_supported() else torch.float16
+        self.device_type = device.type
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.dtype == torch.float16)
+
+    def __call__(self, module: nn.Module, loss_fn: LossFn, images: torch.Tensor,
+                 targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        optimizer = self.state.optimizer
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(self.state.step, self.total, self.warmup, self.cfg.lr)
+        with torch.autocast(self.device_type, dtype=self.dtype, enabled=self.amp):
+            loss, logits = loss_fn(module, images, targets)
+        optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.cfg.grad_clip > 0:
+            self.scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(self.state.model.parameters(), self.cfg.grad_clip)
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        self.state.step += 1
+        return loss, logits
+
+
+def train_epoch(module: nn.Module, loader: DataLoader, step: Stepper, loss_fn: LossFn, mixer, epoch_seed: int,
+                progress: Progress, task: int) -> dict:
+    """One pass over ``loader``'s batches (its sampler set to the epoch) through ``step``; returns the epoch's
+    record: epoch, step, mean loss and training top-1 (against the unmixed labels)."""
+    state, device = step.state, next(step.state.model.parameters()).device
+    module.train()
+    torch.manual_seed(epoch_seed)  # dropout and drop-path, if the model has them, replay on resume too
+    loss_sum, correct, seen = 0.0, 0, 0
+    for batch_index, (images, labels) in enumerate(loader):
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        targets = labels
+        if mixer is not None:
+            np.random.seed((epoch_seed * 1_000_003 + batch_index) % 2**32)
+            images, targets = mixer(images, labels)
+        loss, logits = step(module, loss_fn, images, targets)
+        loss_sum += loss.item() * len(labels)
+        correct += (logits.argmax(-1) == labels).sum().item()
+        seen += len(labels)
+        progress.update(task, advance=1, status=f"epoch {state.epoch + 1}/{step.cfg.epochs} "
+                        f"loss {loss_sum / seen:.3f} acc {correct / seen:.3f}")
+    state.epoch += 1
+    return {"epoch": state.epoch, "step": state.step, "loss": loss_sum / seen, "train_top1": correct / seen}
+
+
+def log_counts(train_set: Dataset, balance: bool, description: str) -> None:
+    """The training images per class, before the first epoch (rank 0)."""
+    counts = class_counts(train_set)
+    if counts and is_main_process():
+        sampling = " (class-balanced sampling)" if balance else ""
+        console.print(f"{description}: {len(train_set)} training images{sampling}; per class: "
+                      + ", ".join(f"{c} {n}" for c, n in counts.items()), highlight=False, soft_wrap=True)
+
+
+def log_epoch(description: str, epochs: int, record: dict) -> None:
+    val = f" val {record['val_top1']:.3f}" if "val_top1" in record else ""
+    console.print(f"{description} epoch {record['epoch']}/{epochs} loss {record['loss']:.3f} "
+                  f"train {record['train_top1']:.3f}{val}", highlight=False)
+
+
+def start_state(model: nn.Module, cfg: TrainConfig, checkpoint: Path, resume: bool, description: str) -> TrainState:
+    """``model`` and a fresh AdamW, or, when resuming, what ``checkpoint`` holds (if it exists)."""
+    state = TrainState(model, torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr))
+    if resume and checkpoint.exists():
+        state.resume(checkpoint)
+        if is_main_process():
+            console.print(f"[cyan]{description}: resuming after epoch {state.epoch} (step {state.step})")
+    return state
+
+
+def epoch_batches(train_set: Dataset, cfg: TrainConfig, rank: int, world: int,
+                  device: torch.device) -> tuple[EpochBatches, DataLoader]:
+    """This rank's seeded batches (class-balanced with ``cfg.balance``) and the loader that reads them."""
+    weights = class_balanced_weights(train_set) if cfg.balance else None
+    sampler = EpochBatches(len(train_set), cfg.batch_size, rank, world, cfg.seed, weights)
+    return sampler, train_loader(train_set, sampler, cfg.workers, device)
+
+
+def progress_bar() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=console,
+                    disable=not is_main_process(), transient=True)
+
+
 def fit(
         model: nn.Module,
         train_set: Dataset,
@@ -350,7 +414,7 @@ def fit(
 
     Args:
         model: the module whose trainable parameters are optimised (frozen ones are left alone).
-        train_set: a dataset of ``(image tensor, label)``.
+        train_set: a dataset of ``(image tensor, label)``, augmented by itself if at all.
         cfg: optimisation settings.
         checkpoint_dir: where ``checkpoint.pt`` is written after every epoch.
         loss_fn: ``(model, images, labels) -> (loss, logits)``; default cross-entropy.
@@ -359,96 +423,32 @@ def fit(
         resume: continue from ``checkpoint.pt`` when one exists.
         description: label for the progress bar.
     """
+    cfg.check_loss(description if loss_fn is not None else None)
     rank, world = init_distributed()
-    mixer = batch_mixer(cfg, len(getattr(train_set, "classes", [])), max(1, cfg.batch_size // world))
-    if mixer is not None and loss_fn is not None:
-        raise EdgeVitError(f"mixup/cutmix need the plain cross-entropy loss; {description} trains with its own")
+    mixer = batch_mixer(cfg, len(getattr(train_set, "classes", [])))
     loss_fn = loss_fn or (soft_target_loss() if mixer else cross_entropy_loss(cfg.label_smoothing))
     device = device_for_rank()
     torch.manual_seed(cfg.seed)
-    model.to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
-    use_amp = cfg.amp and device.type == "cuda"
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-
-    ckpt_path = Path(checkpoint_dir) / CHECKPOINT
-    epoch, step, history = 0, 0, []
-    if resume and ckpt_path.exists():
-        state = load_checkpoint(ckpt_path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        epoch, step, history = state["epoch"], state["step"], state["history"]
-        if is_main_process():
-            console.print(f"[cyan]{description}: resuming after epoch {epoch} (step {step})")
-
-    train_module = model
-    if world > 1:
-        train_module = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    augment = "none" if _augments_itself(train_set) else cfg.augment
-    weights = class_balanced_weights(train_set) if cfg.balance else None
-    counts = class_counts(train_set)
-    if counts and is_main_process():
-        sampling = " (class-balanced sampling)" if cfg.balance else ""
-        console.print(f"{description}: {len(train_set)} training images{sampling}; per class: "
-                      + ", ".join(f"{c} {n}" for c, n in counts.items()), highlight=False, soft_wrap=True)
-    sampler = EpochBatches(len(train_set), cfg.batch_size, rank, world, cfg.seed, weights)
-    loader = train_loader(train_set, sampler, cfg.workers, device)
-    steps_per_epoch = len(sampler)
-    total = steps_per_epoch * cfg.epochs
-    warmup = min(total, round(cfg.warmup_epochs * steps_per_epoch))
+    ckpt = Path(checkpoint_dir) / CHECKPOINT
+    state = start_state(model.to(device), cfg, ckpt, resume, description)
+    module = model if world == 1 else nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
+    log_counts(train_set, cfg.balance, description)
+    sampler, loader = epoch_batches(train_set, cfg, rank, world, device)
+    step = Stepper(state, cfg, len(sampler) * cfg.epochs, len(sampler), device)
     start = time.perf_counter()
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=console,
-                        disable=not is_main_process(), transient=True)
-    with progress:
-        task = progress.add_task(description, total=total, completed=step, status="")
-        while epoch < cfg.epochs:
-            train_module.train()
-            epoch_seed = cfg.seed * 7919 + epoch * 31 + rank
-            generator = torch.Generator().manual_seed(epoch_seed)
-            torch.manual_seed(epoch_seed)  # dropout and drop-path, if the model has them, replay on resume too
-            sampler.set_epoch(epoch)
-            loss_sum, correct, seen = 0.0, 0, 0
-            for batch_index, (images, labels) in enumerate(loader):
-                images = augment_batch(images, augment, generator).to(device, non_blocking=True)
-                labels = labels.to(device, non_blocking=True)
-                targets = labels
-                if mixer is not None:
-                    np.random.seed((epoch_seed * 1_000_003 + batch_index) % 2**32)
-                    images, targets = mixer(images, labels)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(step, total, warmup, cfg.lr)
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                    loss, logits = loss_fn(train_module, images, targets)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if cfg.grad_clip > 0:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                step += 1
-                loss_sum += loss.item() * len(labels)
-                correct += (logits.argmax(-1) == labels).sum().item()
-                seen += len(labels)
-                progress.update(task, advance=1, status=f"epoch {epoch + 1}/{cfg.epochs} "
-                                f"loss {loss_sum / seen:.3f} acc {correct / seen:.3f}")
-            epoch += 1
-            record = {"epoch": epoch, "step": step, "loss": loss_sum / seen, "train_top1": correct / seen}
+    with progress_bar() as progress:
+        task = progress.add_task(description, total=step.total, completed=state.step, status="")
+        while state.epoch < cfg.epochs:
+            sampler.set_epoch(state.epoch)
+            record = train_epoch(module, loader, step, loss_fn, mixer, cfg.seed * 7919 + state.epoch * 31 + rank,
+                                 progress, task)
             if val_set is not None and is_main_process():
-                record["val_top1"] = evaluate(eval_model(model) if eval_model else model, val_set,
-                                              workers=cfg.workers)
-            history.append(record)
+                record["val_top1"] = evaluate(eval_model(model) if eval_model else model, val_set, workers=cfg.workers)
+            state.history.append(record)
             if is_main_process():
-                _save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                             "epoch": epoch, "step": step, "history": history,
-                                             "config": asdict(cfg)})
-                val = f" val {record['val_top1']:.3f}" if "val_top1" in record else ""
-                console.print(f"{description} epoch {epoch}/{cfg.epochs} loss {record['loss']:.3f} "
-                              f"train {record['train_top1']:.3f}{val}", highlight=False)
+                state.save(ckpt, cfg)
+                log_epoch(description, cfg.epochs, record)
     if world > 1:
         dist.barrier()
-    return TrainResult(epochs=epoch, steps=step, seconds=time.perf_counter() - start, history=history)
+    return TrainResult(state.epoch, state.step, time.perf_counter() - start, state.history, augmentation(train_set))

@@ -14,8 +14,8 @@ from torch import nn
 from edgevit import __version__
 from edgevit.data import data_ref, load_ref, source_classes
 from edgevit.errors import EdgeVitError
-from edgevit.methods.defaults import augment_for, train_defaults
-from edgevit.train.loop import CHECKPOINT, TrainConfig, TrainResult, confusion_matrix, is_main_process
+from edgevit.train.config import TrainConfig
+from edgevit.train.loop import CHECKPOINT, TrainResult, confusion_matrix, is_main_process
 from edgevit.vit.bundle import META, BundleMeta, save_bundle
 
 
@@ -34,12 +34,6 @@ def check_run_dir(out: str | Path, resume: bool, checkpoint: str = CHECKPOINT) -
     elif out.exists() and any(out.iterdir()):
         raise EdgeVitError(f"{out} is not empty; pass --resume to continue it or choose another -o")
     return out
-
-
-def method_train_config(method: str, data: str, **changes) -> TrainConfig:
-    """``method``'s optimisation defaults (:func:`~edgevit.methods.defaults.train_defaults`) for ``data``, with
-    ``changes`` applied: what ``train_<method>()`` uses when given no ``train_cfg``, and what the CLI builds."""
-    return TrainConfig(**{"augment": augment_for(data), **train_defaults(method), **changes})
 
 
 def split_metrics(model: nn.Module, meta: BundleMeta, splits: tuple[str, ...] = ("val", "test")) -> dict:
@@ -75,30 +69,36 @@ def provenance(method: str, config: dict[str, Any], seed: int, **extra: Any) -> 
     }
 
 
-def finish_run(out: str | Path, model: nn.Module, meta: BundleMeta, method: str, cfg: Any,
-               train_cfg: TrainConfig, result: TrainResult | None = None, metrics: dict[str, Any] | None = None,
+def finish_run(out: Path, model: nn.Module, meta: BundleMeta, method: str, cfg: Any, train_cfg: TrainConfig,
+               result: TrainResult | None = None, metrics: dict[str, Any] | None = None,
                top1: dict[str, Any] | None = None, **extra: Any) -> Path:
     """The last step of every ``train_<method>``: top-1 on the bundle's splits, the training record, the
-    provenance, and the bundle itself (``model`` must already be the plain graph ``meta`` describes).
+    provenance, and the bundle itself (``model`` must already be the plain graph ``meta`` describes). Under
+    torchrun only rank 0 measures and writes; every rank returns ``out``.
 
     Args:
         out: the bundle directory.
         model: the plain graph.
         meta: its metadata (base, surgery, preprocessing, classes, data); metrics and provenance are set here.
         method: the method's name.
-        cfg: the method's config dataclass (None for the baseline, which has only ``train_cfg``).
-        train_cfg: the optimisation settings.
-        result: what :func:`~edgevit.train.fit` returned (its epochs, steps and seconds are recorded), or None.
+        cfg: the method's config dataclass.
+        train_cfg: the optimisation settings (recorded with ``cfg``'s as one ``config``, as the command line
+            takes them).
+        result: what the (last) :func:`~edgevit.train.fit` returned, or None: its epochs, steps and seconds, and
+            the augmentation it ran, are recorded.
         metrics: the method's own measurements, recorded after the split top-1s.
         top1: the split top-1s when the method has measured them already (default: measure ``model``).
         **extra: the method's provenance fields (teacher, backbone, removed blocks, ...).
     """
+    if not is_main_process():
+        return out
     trained = {}
     if result is not None:
         trained = {"epochs": result.epochs, "steps": result.steps, "train_seconds": round(result.seconds, 1)}
     meta.metrics = {**(top1 or split_metrics(model, meta)), **trained, **(metrics or {})}
-    config = asdict(train_cfg) if cfg is None else {**asdict(cfg), "train": asdict(train_cfg)}
-    meta.provenance = provenance(method, config, train_cfg.seed, **extra)
+    augment = result.augment if result is not None else None
+    meta.provenance = provenance(method, {**asdict(cfg), **asdict(train_cfg)}, train_cfg.seed, augment=augment,
+                                 **extra)
     return save_bundle(out, model, meta)
 
 
