@@ -8,7 +8,8 @@ import logging
 import click
 
 from edgevit.errors import EdgeVitError
-from edgevit.methods.defaults import train_defaults
+from edgevit.methods.registry import discover
+from edgevit.options import data_option, json_option, method_command
 
 
 class Group(click.Group):
@@ -54,15 +55,6 @@ def classes_option(help: str):
     return click.option("--classes", help=help, callback=lambda ctx, param, value: value.split(",") if value else None)
 
 
-def _arch(patch_size: int | None, embed_dim: int | None, depth: int | None, heads: int | None) -> dict | None:
-    """timm architecture overrides from the size flags that were given (None: none given)."""
-    sizes = {"patch_size": patch_size, "embed_dim": embed_dim, "depth": depth, "num_heads": heads}
-    return {k: v for k, v in sizes.items() if v is not None} or None
-
-
-json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-
-
 class BackendName(click.ParamType):
     """A backend registered in :data:`edgevit.bench.backends.BACKENDS`. The registry is read only when the option
     is parsed or its help shown (it imports torch), so ``edgevit --help`` stays instant; an unknown name is the
@@ -84,61 +76,18 @@ class BackendName(click.ParamType):
 
 backend_option = click.option("--backend", type=BackendName(), default="ort", show_default=True,
                               help="Runtime (a registered profiling backend).")
-data_option = click.option("--data", required=True,
-                           help="'digits' (embedded, offline) or an image folder of class sub-folders.")
-out_option = click.option("-o", "--out", required=True, type=click.Path(file_okay=False),
-                          help="Run directory to write (bundle + training checkpoint).")
-resume_option = click.option("--resume", is_flag=True, help="Continue a killed run in OUT.")
-seed_option = click.option("--seed", default=0, show_default=True, help="Seed for init, data order, augmentation.")
 
 
-def train_options(method: str):
-    """Optimisation flags shared by the train commands, defaulting to the library's for ``method``."""
-    defaults = train_defaults(method)
+class TrainGroup(Group):
+    """``edgevit train``: one command per registered method (:mod:`edgevit.methods.registry`), generated from its
+    config when first asked for: the methods import torch, so ``edgevit --help`` does not load them."""
 
-    def decorate(fn):
-        for option in reversed([
-            click.option("--epochs", default=defaults["epochs"], show_default=True, type=int),
-            click.option("--lr", default=defaults["lr"], show_default=True, type=float, help="Peak learning rate."),
-            click.option("--batch-size", default=defaults["batch_size"], show_default=True, type=int),
-            seed_option,
-        ]):
-            fn = option(fn)
-        return fn
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(discover())
 
-    return decorate
-
-
-def mix_options(fn):
-    """``--mixup/--cutmix ALPHA``: timm's Mixup in the shared loop, for the commands that train with plain
-    cross-entropy (baseline, prompts)."""
-    for option in reversed([
-        click.option("--mixup", default=0.0, show_default=True, type=click.FloatRange(min=0),
-                     help="Mixup alpha (timm Mixup, soft-target cross-entropy; 0: off), e.g. 0.8."),
-        click.option("--cutmix", default=0.0, show_default=True, type=click.FloatRange(min=0),
-                     help="CutMix alpha (0: off), e.g. 1.0; with --mixup, each batch picks one."),
-    ]):
-        fn = option(fn)
-    return fn
-
-
-def _train_config(method: str, epochs: int, lr: float, batch_size: int, seed: int, data: str, **overrides):
-    from edgevit.train.run import method_train_config
-
-    return method_train_config(method, data, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, **overrides)
-
-
-def _report_bundle(out: str, as_json: bool) -> None:
-    from edgevit.train import is_main_process
-    from edgevit.vit import read_meta
-
-    if not is_main_process():  # under torchrun only rank 0 writes and reports
-        return
-    meta = read_meta(out)
-    m = meta.metrics
-    _emit({"run": out, **m}, as_json,
-          f"wrote {out}: val top-1 {m.get('val_top1', float('nan')):.4f}, "
-          f"test top-1 {m.get('test_top1', float('nan')):.4f}")
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        method = discover().get(name)
+        return method_command(method) if method else None
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -153,348 +102,9 @@ def main() -> None:
     _setup_logging()
 
 
-@main.group(cls=Group)
+@main.group(cls=TrainGroup)
 def train() -> None:
     """Train a baseline or apply one of the five methods; each writes a bundle to -o RUN."""
-
-
-@train.command("baseline")
-@data_option
-@out_option
-@click.option("--model", "model_name", default="vit_tiny_patch16_224", show_default=True,
-              help="timm ViT architecture.")
-@click.option("--img-size", type=int, help="Input side (default 32 for digits, 224 for folders).")
-@click.option("--patch-size", type=int, help="Override the architecture's patch size.")
-@click.option("--embed-dim", type=int, help="Override the width.")
-@click.option("--depth", type=int, help="Override the number of blocks.")
-@click.option("--heads", type=int, help="Override the number of heads.")
-@classes_option("Comma-separated subset of the data's classes (default: all).")
-@click.option("--pretrained", is_flag=True,
-              help="Start from timm's pretrained weights of --model (a tagged name or hf-hub: id; needs the network "
-                   "once, then timm's cache).")
-@click.option("--init", type=click.Path(dir_okay=False),
-              help="Local checkpoint of --model to start from (.safetensors, or a torch state dict); the bundle "
-                   "records --model's pretrained preprocessing.")
-@click.option("--mean", callback=lambda ctx, param, value: _numbers(value),
-              help="Override the recorded normalisation mean (one value or one per channel).")
-@click.option("--std", callback=lambda ctx, param, value: _numbers(value), help="Override the recorded std.")
-@click.option("--interpolation", type=click.Choice(["bilinear", "bicubic", "nearest"]),
-              help="Override the recorded resize interpolation.")
-@click.option("--crop-pct", type=float, help="Override the recorded centre-crop fraction (1: no crop).")
-@click.option("--hflip", is_flag=True, help="Augment image folders with horizontal flips (off: parts may be "
-                                            "orientation-sensitive).")
-@click.option("--vflip", is_flag=True, help="Augment image folders with vertical flips.")
-@click.option("--scale", default="0.5,1.0", show_default=True, callback=lambda ctx, param, value: _numbers(value),
-              help="RandomResizedCrop area range for image folders (min,max).")
-@click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0),
-              help="DataLoader processes decoding and augmenting image files.")
-@click.option("--balance", is_flag=True,
-              help="Class-weighted sampling: rare classes (defects) are drawn as often as common ones.")
-@click.option("--auto-augment", help="Image folders: timm auto-augment, e.g. rand-m9-mstd0.5 (RandAugment), trivial "
-                                     "(TrivialAugment), augmix-m5, original (AutoAugment). Default: none.")
-@mix_options
-@train_options("baseline")
-@resume_option
-@json_option
-def train_baseline(data, out, model_name, img_size, patch_size, embed_dim, depth, heads, classes, pretrained, init,
-                   mean, std, interpolation, crop_pct, hflip, vflip, scale, workers, balance, auto_augment, mixup,
-                   cutmix, epochs, lr, batch_size, seed, resume, as_json):
-    """Train a ViT on DATA: from scratch, from timm's pretrained weights (--pretrained) or a local
-    checkpoint (--init).
-
-    \b
-    Example:
-      edgevit train baseline --data digits -o runs/base
-      edgevit train baseline --data line3/ --model deit_tiny_patch16_224 --init deit_tiny.safetensors -o runs/line3
-    """
-    from edgevit.data.transforms import Augment
-    from edgevit.methods.baseline import train_baseline as run
-
-    if len(scale) != 2:
-        raise click.BadParameter(f"expected min,max, got {scale}", param_hint="--scale")
-    run(data, out, model_name=model_name, img_size=img_size, arch=_arch(patch_size, embed_dim, depth, heads),
-        classes=classes, init=init, pretrained=pretrained,
-        preprocessing={"mean": mean, "std": std, "interpolation": interpolation, "crop_pct": crop_pct},
-        augment=Augment(scale=tuple(scale), hflip=0.5 if hflip else 0.0, vflip=0.5 if vflip else 0.0,
-                        auto_augment=auto_augment),
-        cfg=_train_config("baseline", epochs, lr, batch_size, seed, data, workers=workers, balance=balance,
-                          mixup=mixup, cutmix=cutmix),
-        resume=resume)
-    _report_bundle(out, as_json)
-
-
-# --- method 1: attention-transfer students (attention distillation / attention copy) -----------------------
-
-
-@train.command("transfer")
-@click.option("--teacher", "teacher_run", required=True, type=click.Path(exists=True, file_okay=False),
-              help="Teacher bundle (frozen); only its attention maps are used, so its classes may differ.")
-@data_option
-@out_option
-@click.option("--mode", type=click.Choice(["distill", "copy"]), default="distill", show_default=True,
-              help="distill: the student learns the maps and runs alone; copy: it attends with the teacher's "
-                   "maps (needs the teacher at inference: not deployable).")
-@click.option("--model", "model_name", help="Student timm ViT architecture (default: the teacher's).")
-@click.option("--img-size", type=int, help="Student input side (default: the teacher's; same patch grid).")
-@click.option("--patch-size", type=int, help="Student patch size.")
-@click.option("--embed-dim", type=int, help="Student width.")
-@click.option("--depth", type=int, help="Student blocks (layer map: i <- round((i+1)*L_T/L_S)-1).")
-@click.option("--heads", type=int, help="Student heads (teacher heads are mapped by --head-map).")
-@click.option("--layers", type=int, help="Transferred student layers, from the first (default: depth - 3).")
-@click.option("--weight", default=3.0, show_default=True, type=float, help="Attention-distillation loss weight.")
-@click.option("--head-map", type=click.Choice(["average", "learned"]), default="average", show_default=True,
-              help="Fewer student heads: average teacher head groups' probabilities, or learn a 1x1 head mixing "
-                   "of logits.")
-@click.option("--data-fraction", default=1.0, show_default=True, type=float,
-              help="Class-stratified fraction of the training split (low-data regimes).")
-@classes_option("Comma-separated subset of the data's classes for the student (default: all).")
-@train_options("transfer")
-@resume_option
-@json_option
-def train_transfer(teacher_run, data, out, mode, model_name, img_size, patch_size, embed_dim, depth, heads, layers,
-                   weight, head_map, data_fraction, classes, epochs, lr, batch_size, seed, resume, as_json):
-    """Train a student from scratch that inherits a frozen teacher's attention patterns (Li et al. 2024).
-
-    \b
-    Example (a student half as wide and two blocks shallower than its teacher):
-      edgevit train baseline --data digits -o runs/base
-      edgevit train transfer --teacher runs/base --data digits -o runs/student --embed-dim 48 --depth 4
-    \b
-    The paper's setting (a teacher pre-trained elsewhere, a small downstream task):
-      edgevit train baseline --data digits --classes 0,1,2,3,4 -o runs/base04
-      edgevit train transfer --teacher runs/base04 --data digits --classes 5,6,7,8,9 --data-fraction 0.03 \\
-        -o runs/student59 --embed-dim 32 --depth 4 --heads 2
-    """
-    from edgevit.methods.transfer import TransferConfig
-    from edgevit.methods.transfer import train_transfer as run
-
-    cfg = TransferConfig(mode=mode, layers=layers, weight=weight, head_map=head_map, data_fraction=data_fraction)
-    run(teacher_run, data, out, cfg, model_name=model_name, img_size=img_size,
-        arch=_arch(patch_size, embed_dim, depth, heads), classes=classes,
-        train_cfg=_train_config("transfer", epochs, lr, batch_size, seed, data), resume=resume)
-    _report_bundle(out, as_json)
-    if mode == "copy" and not as_json:
-        click.echo("note: attention copy needs the teacher at inference; the bundle is marked not deployable")
-
-
-# --- method 2: skip-pruned graphs (attention sub-layers removed) ----------------------------------------------
-
-def _ratio(value: str | None) -> float | None:
-    from fractions import Fraction
-
-    if value is None:
-        return None
-    try:
-        return float(Fraction(value))
-    except (ValueError, ZeroDivisionError):
-        raise click.BadParameter(f"expected a fraction such as 1/3 or 0.33, got {value!r}") from None
-
-
-HEAL = train_defaults("skip")  # skip's optimisation flags set its healing fine-tune
-
-
-@train.command("skip")
-@click.option("--model", "model_run", required=True, type=click.Path(exists=True, file_okay=False),
-              help="The bundle to prune (a run directory).")
-@data_option
-@out_option
-@click.option("--ratio", help="Fraction of attention sub-layers to remove, e.g. 1/3 (default 1/3).")
-@click.option("--blocks", help="Remove exactly these blocks' attention, e.g. 3,7 (instead of --ratio/--select).")
-@click.option("--select", type=click.Choice(["cosine", "cosine-pooled", "last", "random"]),
-              help="cosine: least-change sub-layers on calibration images (mean over all tokens); cosine-pooled: "
-                   "the same over the tokens the head pools (class token); last: deepest, final block kept; "
-                   "random: seeded control. Default cosine-pooled; with --sweep, limits the sweep to one strategy.")
-@click.option("--heal-epochs", default=HEAL["epochs"], show_default=True, type=int,
-              help="Healing fine-tune of the remaining weights (0: remove only).")
-@click.option("--lr", default=HEAL["lr"], show_default=True, type=float,
-              help="Healing peak learning rate.")
-@click.option("--batch-size", default=HEAL["batch_size"], show_default=True, type=int)
-@click.option("--calib", default=64, show_default=True, type=int,
-              help="Class-balanced training images the cosine scores are measured on.")
-@click.option("--distill", default=0.5, show_default=True, type=float,
-              help="Healing loss: (1 - W) * cross-entropy + W * KL(unpruned model || pruned model).")
-@click.option("--sweep", is_flag=True, help="Ratios 0, 1/6, 1/3, 1/2 x every strategy, before/after healing, "
-                                            "with ORT CPU latency: result rows in OUT/sweep.jsonl.")
-@click.option("--threads", default=2, show_default=True, type=int, help="--sweep: ORT CPU threads for latency.")
-@seed_option
-@resume_option
-@json_option
-def train_skip_cmd(model_run, data, out, ratio, blocks, select, heal_epochs, lr, batch_size, calib, distill, sweep,
-                   threads, seed, resume, as_json):
-    """Remove attention sub-layers (LayerNorm, qkv, proj, LayerScale) from a bundle, then heal it.
-
-    \b
-    Examples:
-      edgevit train skip --model runs/base --data digits -o runs/skip --ratio 1/3 --select cosine-pooled
-      edgevit train skip --model runs/base --data digits -o runs/skip-sweep --sweep --heal-epochs 3
-      edgevit report runs/skip-sweep/sweep.jsonl -o report/skip
-    """
-    from edgevit.methods import skip
-
-    train_cfg = _train_config("skip", heal_epochs, lr, batch_size, seed, data,
-                             warmup_epochs=min(0.5, heal_epochs))
-    if not sweep:
-        cfg = skip.SkipConfig(select=select or "cosine-pooled", ratio=_ratio(ratio), blocks=_numbers(blocks, int),
-                              calib=calib, distill=distill)
-        skip.train_skip(model_run, data, out, cfg, train_cfg, resume=resume)
-        _report_bundle(out, as_json)
-        return
-    if ratio is not None or blocks is not None:
-        raise click.UsageError("--sweep runs its own ratios; drop --ratio/--blocks")
-    from edgevit.bench.schema import read_rows
-    from edgevit.studies.skip_sweep import sweep_skip
-
-    results = sweep_skip(model_run, data, out, train_cfg, selects=[select] if select else skip.SELECTIONS,
-                         calib=calib, distill=distill, threads=threads, resume=resume)
-    rows = read_rows(results)
-    text = "\n".join(f"{r.label:28s} top-1 {r.top1:.4f}  p50 {r.latency_ms.p50:8.3f} ms  blocks "
-                     f"{r.settings['blocks']}" for r in rows) + f"\nwrote {results}"
-    _emit({"results": str(results), "rows": [r.model_dump(exclude_none=True) for r in rows]}, as_json, text)
-
-
-# --- method 3: MoViT memory and compact summarized memory tables ----------------------------------------
-
-@train.command("memory")
-@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False),
-              help="The bundle to start from (a run directory); its head is replaced if DATA has other classes.")
-@data_option
-@out_option
-@click.option("--block", default=-1, show_default=True, type=int,
-              help="Block that gets the memory branch (negative counts from the end).")
-@click.option("--slots", default=2048, show_default=True, type=int,
-              help="Full training memory size S per head (capped at the number of training images).")
-@click.option("--topk", default=32, show_default=True, type=int,
-              help="Memory rows each query attends to (0: dense attention over all rows).")
-@click.option("--momentum", default=0.9, show_default=True, type=float,
-              help="ATMA beta: a rewritten slot becomes beta*old + (1-beta)*new.")
-@click.option("--prototypes", default=64, show_default=True, type=int,
-              help="Rows P of the deployed table (PAL summarization); 0 deploys the full memory.")
-@click.option("--summarize", type=click.Choice(["kmeans", "learned"]), default="kmeans", show_default=True,
-              help="PAL: k-means on keys (values averaged), or k-means then a brief distillation of the table.")
-@click.option("--summarize-epochs", default=5, show_default=True, type=int, help="Epochs of --summarize learned.")
-@click.option("--gate-init", default=-1.0, show_default=True, type=float, help="Initial per-head gate logit.")
-@click.option("--data-fraction", default=1.0, show_default=True, type=float,
-              help="Class-stratified fraction of the training split (low-data regimes).")
-@train_options("memory")
-@resume_option
-@json_option
-def train_memory(model_dir, data, out, block, slots, topk, momentum, prototypes, summarize, summarize_epochs,
-                 gate_init, data_fraction, epochs, lr, batch_size, seed, resume, as_json):
-    """Fine-tune a bundle with a MoViT memory (ATMA updates) and deploy a compact summarized table (PAL).
-
-    \b
-    Example:
-      edgevit train memory --model runs/base --data digits -o runs/memory --prototypes 64
-    """
-    from edgevit.methods.memory import MemoryConfig
-    from edgevit.methods.memory import train_memory as run
-
-    cfg = MemoryConfig(block=block, slots=slots, topk=topk or None, momentum=momentum, prototypes=prototypes,
-                       summarize=summarize, summarize_epochs=summarize_epochs, gate_init=gate_init,
-                       data_fraction=data_fraction)
-    run(model_dir, data, out, cfg, _train_config("memory", epochs, lr, batch_size, seed, data),
-        resume=resume)
-    _report_bundle(out, as_json)
-
-
-# --- method 4: DATA continual learning with reparameterized (folded) adapters ---------------------------------
-
-
-@train.command("continual")
-@click.option("--model", "model_run", required=True, type=click.Path(exists=True, file_okay=False),
-              help="Backbone bundle (frozen), trained on classes other than the tasks' ones.")
-@data_option
-@out_option
-@click.option("--tasks", type=int, help="Number of tasks (default: classes // 2 for class, 4 for domain).")
-@click.option("--protocol", type=click.Choice(["class", "domain"]), default="class", show_default=True,
-              help="class: disjoint classes per task, growing head; domain: same classes, a new image "
-                   "transform per task (identity, invert, rot90, hflip, noise).")
-@click.option("--ranks", default="4,16", show_default=True, help="Ranks r1,r2 of the task-shared and task-specific "
-                                                                 "adapter paths.")
-@click.option("--components", default=8, show_default=True, type=int, help="Router components per task (M).")
-@click.option("--group-size", type=int, help="Blocks per router group (default 4, fewer for shallow models).")
-@click.option("--ortho-weight", default=1.0, show_default=True, type=float, help="Orthogonality loss weight.")
-@click.option("--form", type=click.Choice(["merged", "exact"]), default="merged", show_default=True,
-              help="Bundle written to OUT: merged (mean scales folded, the base graph) or exact (per-sample "
-                   "scale branch); the other form goes to OUT/<form>/.")
-@classes_option("Task classes (default: DATA's classes the backbone was not trained on).")
-@train_options("continual")
-@resume_option
-@json_option
-def train_continual_cmd(model_run, data, out, tasks, protocol, ranks, components, group_size, ortho_weight, form,
-                        classes, epochs, lr, batch_size, seed, resume, as_json):
-    """Learn a task sequence with DATA (no rehearsal, no task id) and write exact and merged bundles.
-
-    \b
-    Example (backbone on digits 0-4, tasks {5,6}, {7,8,9}):
-      edgevit train baseline --data digits --classes 0,1,2,3,4 -o runs/base04
-      edgevit train continual --model runs/base04 --data digits -o runs/data --tasks 2
-    """
-    from edgevit.methods.continual import ContinualConfig
-    from edgevit.methods.continual import train_continual as run
-    from edgevit.train import is_main_process
-    from edgevit.vit import read_meta
-
-    cfg = ContinualConfig(protocol=protocol, tasks=tasks, ranks=tuple(_numbers(ranks, int)), components=components,
-                          group_size=group_size, ortho_weight=ortho_weight, form=form)
-    run(model_run, data, out, cfg, _train_config("continual", epochs, lr, batch_size, seed, data),
-        classes=classes, resume=resume)
-    if not is_main_process():
-        return
-    c = read_meta(out).metrics["continual"]
-    rows = "\n".join(f"  after task {i + 1}: " + " ".join(f"{a:.3f}" for a in row)
-                     for i, row in enumerate(c["accuracy"]))
-    forms = ", ".join(f"{k} {v['final_average_accuracy']:.4f}" for k, v in c["forms"].items())
-    _emit({"run": out, **c}, as_json,
-          f"wrote {out} ({form}); test top-1 per task ({', '.join(c['tasks'])}):\n{rows}\n"
-          f"final average accuracy {c['final_average_accuracy']:.4f}, average forgetting "
-          f"{c['average_forgetting']:.4f}; deployed forms: {forms}")
-
-
-# --- method 5: burstiness-aware bilinear prompt tuning (BPT) + merged prompts ------------------------------
-
-
-@train.command("prompts")
-@click.option("--model", "model_run", required=True, type=click.Path(exists=True, file_okay=False),
-              help="Backbone bundle (frozen), trained on classes other than the downstream ones.")
-@data_option
-@out_option
-@click.option("--prompts", type=int, help="Prompt tokens per prompted layer (default 50 deep, 100 shallow).")
-@click.option("--deep/--shallow", default=True, show_default=True,
-              help="Prompts in every block (merged to prefix K/V) or only at the input (kept as tokens).")
-@click.option("--rank", type=int, help="Bilinear rank p of P = A B^T (default min(50, width)).")
-@click.option("--whiten/--no-whiten", default=None,
-              help="Initialise B from the ZCA whitening matrix (default: on for bilinear/fwhiten/twhiten).")
-@click.option("--variant", type=click.Choice(["vpt", "fwhiten", "twhiten", "bilinear"]), default="bilinear",
-              show_default=True, help="vpt: plain prompts; fwhiten/twhiten: P = A W^T, W frozen/trained; "
-                                      "bilinear: BPT.")
-@classes_option("Downstream classes (default: DATA's classes the backbone was not trained on).")
-@click.option("--whiten-images", default=100, show_default=True, help="Training images the whitening uses.")
-@click.option("--eps", default=0.1, show_default=True, help="Whitening ridge, relative to the mean eigenvalue.")
-@click.option("--covariance", type=click.Choice(["tokens", "mean"]), default="tokens", show_default=True,
-              help="Whitening statistics over all tokens, or over the image-mean X_bar (the authors').")
-@click.option("--trainable-top", type=int, help="Deep: train B only in the top K blocks (default depth/3).")
-@mix_options
-@train_options("prompts")
-@resume_option
-@json_option
-def train_prompts(model_run, data, out, prompts, deep, rank, whiten, variant, classes, whiten_images, eps,
-                  covariance, trainable_top, mixup, cutmix, epochs, lr, batch_size, seed, resume, as_json):
-    """Prompt-tune a frozen backbone on a downstream task (BPT) and merge the prompts into the bundle.
-
-    \b
-    Example (backbone on digits 0-4, prompts on 5-9):
-      edgevit train baseline --data digits --classes 0,1,2,3,4 -o runs/base04
-      edgevit train prompts --model runs/base04 --data digits -o runs/bpt --deep
-    """
-    from edgevit.methods.prompts import PromptConfig
-    from edgevit.methods.prompts import train_prompts as run
-
-    cfg = PromptConfig(prompts=prompts, deep=deep, rank=rank, variant=variant, whiten=whiten,
-                       whiten_images=whiten_images, eps=eps, covariance=covariance, trainable_top=trainable_top)
-    train_cfg = _train_config("prompts", epochs, lr, batch_size, seed, data, mixup=mixup, cutmix=cutmix)
-    run(model_run, data, out, cfg=cfg, train_cfg=train_cfg, classes=classes, resume=resume)
-    _report_bundle(out, as_json)
 
 
 @main.group("inspect", cls=Group)

@@ -108,47 +108,60 @@ def _jsonable(value):
     return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else str(value)
 
 
-def _train_cfg(epochs: int, lr: float = 1e-3, **overrides):
-    from edgevit.train import TrainConfig
+@dataclass(frozen=True)
+class Training:
+    """One training step of the demo: a registered method, what it starts from, and only the settings the demo
+    changes (small for speed); every other setting is the method's default object, the one the CLI and the
+    Python API use.
 
-    return TrainConfig(epochs=epochs, lr=lr, seed=0, **overrides)
+    Args:
+        label: the step's name.
+        method: the registered method.
+        out: its run directory under ``runs/``.
+        source: the run it starts from (under ``runs/``), or None: the method's default source (a timm
+            architecture for the baseline).
+        settings: changes to the method's config.
+        training: changes to its optimisation settings.
+    """
+
+    label: str
+    method: str
+    out: str
+    source: str | None
+    settings: dict = field(default_factory=dict)
+    training: dict = field(default_factory=dict)
+
+    def step(self, runs: Path) -> Step:
+        from edgevit.methods.registry import discover
+
+        method = discover()[self.method]
+        source = method.source.default if self.source is None else runs / self.source
+        kwargs = dict(source=source, data="digits", out=runs / self.out, cfg=method.config(**self.settings),
+                      train_cfg=method.train_config(**self.training))
+        return call_step(self.label, runs / self.out, method.train, kwargs, [] if self.source is None else [source])
+
+
+TRAINING = (
+    Training("baseline", "baseline", "baseline", None),
+    Training("upstream backbone (digits 0-4)", "baseline", "upstream-0-4", None, {"classes": UPSTREAM_CLASSES},
+             {"epochs": 30}),
+    Training("transfer: attention-distilled student", "transfer", "transfer", "baseline",
+             {"embed_dim": 64, "depth": 4, "heads": 2}, {"lr": 2e-3}),
+    Training("skip: a third of attention removed (cosine-pooled)", "skip", "skip", "baseline",
+             {"select": "cosine-pooled", "ratio": 1 / 3}, {"lr": 3e-4}),
+    Training("continual: DATA on digits 5-9", "continual", "continual", "upstream-0-4",
+             {"tasks": 2, "classes": DOWNSTREAM_CLASSES}, {"epochs": 8}),
+    Training("memory: MoViT table", "memory", "memory", "baseline", {"prototypes": 64, "topk": None}, {"epochs": 5}),
+    Training("prompts: BPT deep, merged", "prompts", "prompts", "upstream-0-4", {}, {"epochs": 10}),
+)
 
 
 def plan(root: Path) -> tuple[list[Step], dict[str, Path]]:
     """The demo's steps, and the bundles it profiles keyed by their report label."""
-    from edgevit.methods.baseline import train_baseline
-    from edgevit.methods.continual import ContinualConfig, train_continual
-    from edgevit.methods.memory import MemoryConfig, train_memory
-    from edgevit.methods.prompts import PromptConfig, train_prompts
-    from edgevit.methods.skip import SkipConfig, train_skip
-    from edgevit.methods.transfer import TransferConfig, train_transfer
-
     runs = root / "runs"
-    base, upstream = runs / "baseline", runs / "upstream-0-4"
-    student = {"embed_dim": 64, "depth": 4, "num_heads": 2}
-    training = [  # (name, output, bundles it reads, function, its arguments); every argument is hashed
-        ("baseline", base, [], train_baseline, dict(data="digits", out=base, cfg=_train_cfg(40))),
-        ("upstream backbone (digits 0-4)", upstream, [], train_baseline,
-         dict(data="digits", out=upstream, classes=UPSTREAM_CLASSES, cfg=_train_cfg(30))),
-        ("transfer: attention-distilled student", runs / "transfer", [base], train_transfer,
-         dict(teacher_dir=base, data="digits", out=runs / "transfer", cfg=TransferConfig(mode="distill"),
-              arch=student, train_cfg=_train_cfg(40, lr=2e-3))),
-        ("skip: a third of attention removed (cosine-pooled)", runs / "skip", [base], train_skip,
-         dict(model_dir=base, data="digits", out=runs / "skip", cfg=SkipConfig(select="cosine-pooled", ratio=1 / 3),
-              train_cfg=_train_cfg(5, lr=3e-4))),
-        ("continual: DATA on digits 5-9", runs / "continual", [upstream], train_continual,
-         dict(model_run=upstream, data="digits", out=runs / "continual", cfg=ContinualConfig(tasks=2),
-              train_cfg=_train_cfg(8, lr=3e-3), classes=DOWNSTREAM_CLASSES)),
-        ("memory: MoViT table", runs / "memory", [base], train_memory,
-         dict(model_dir=base, data="digits", out=runs / "memory", cfg=MemoryConfig(prototypes=64, topk=None),
-              train_cfg=_train_cfg(5, lr=5e-4))),
-        ("prompts: BPT deep, merged", runs / "prompts", [upstream], train_prompts,
-         dict(model_run=upstream, data="digits", out=runs / "prompts", cfg=PromptConfig(deep=True),
-              train_cfg=_train_cfg(10, lr=1e-2), classes=DOWNSTREAM_CLASSES)),
-    ]
-    steps = [call_step(name, out, fn, kwargs, reads) for name, out, reads, fn, kwargs in training]
+    steps = [run.step(runs) for run in TRAINING]
     bundles = {
-        "baseline": base,
+        "baseline": runs / "baseline",
         "transfer student": runs / "transfer",
         "skip 1/3 attention": runs / "skip",
         "DATA merged (0-4 -> 5-9)": runs / "continual",

@@ -29,25 +29,28 @@ def pytest_collection_finish(session):
 
 # A ViT small enough that a few epochs on digits take seconds.
 TINY_ARCH = {"patch_size": 4, "embed_dim": 48, "depth": 4, "num_heads": 3}
-TINY_TRAIN = TrainConfig(epochs=12, batch_size=64, lr=3e-3, warmup_epochs=1, augment="none", label_smoothing=0.0)
+TINY_TRAIN = TrainConfig(epochs=12, batch_size=64, lr=3e-3, warmup_epochs=1, augment=None, label_smoothing=0.0)
+
+
+def tiny_baseline(data: str, out, classes: list[str] | None = None):
+    """``train_baseline`` of the tiny ViT (``TINY_ARCH``, 16 px) with ``TINY_TRAIN``."""
+    from edgevit.methods.baseline import BaselineConfig, train_baseline
+
+    arch = BaselineConfig(img_size=16, patch_size=TINY_ARCH["patch_size"], embed_dim=TINY_ARCH["embed_dim"],
+                          depth=TINY_ARCH["depth"], heads=TINY_ARCH["num_heads"], classes=classes)
+    return train_baseline("vit_tiny_patch16_224", data, out, arch, TINY_TRAIN)
 
 
 @pytest.fixture(scope="session")
 def digits_bundle(tmp_path_factory):
     """A tiny baseline trained 12 epochs on digits (16 px, ~85% test top-1, ~10 s); returns its directory."""
-    from edgevit.methods.baseline import train_baseline
-
-    out = tmp_path_factory.mktemp("bundles") / "base"
-    return train_baseline("digits", out, img_size=16, arch=TINY_ARCH, cfg=TINY_TRAIN)
+    return tiny_baseline("digits", tmp_path_factory.mktemp("bundles") / "base")
 
 
 @pytest.fixture(scope="session")
 def digits_bundle_04(tmp_path_factory):
     """Like ``digits_bundle`` but trained only on classes 0-4: an upstream backbone for tasks on 5-9."""
-    from edgevit.methods.baseline import train_baseline
-
-    out = tmp_path_factory.mktemp("bundles") / "base04"
-    return train_baseline("digits", out, img_size=16, arch=TINY_ARCH, classes=list("01234"), cfg=TINY_TRAIN)
+    return tiny_baseline("digits", tmp_path_factory.mktemp("bundles") / "base04", classes=list("01234"))
 
 
 @pytest.fixture(scope="session")

@@ -25,7 +25,7 @@ from edgevit.vit.adapters import (
 
 ARCH = {"img_size": 16, "in_chans": 1, "num_classes": 5, "patch_size": 4, "embed_dim": 48, "depth": 4,
         "num_heads": 3}
-FAST = TrainConfig(epochs=2, batch_size=64, lr=3e-3, warmup_epochs=0.5, augment="none", label_smoothing=0.0)
+FAST = TrainConfig(epochs=2, batch_size=64, lr=3e-3, warmup_epochs=0.5, augment=None, label_smoothing=0.0)
 
 
 def random_adapted(seed: int = 0, ranks=(4, 16), group_size: int = 2, rows: int = 16):
@@ -240,6 +240,15 @@ def test_bundles_load_and_export_without_methods(data_run, tmp_path):
                                          "calibration": profile.calibration.model_copy(update={"samples": 64})})
     int8 = export_bundle(data_run / "exact", profile, tmp_path / "int8")
     assert int8["int8"]["quantized_nodes"] > 0 and "FP32" not in int8["graph"]["precision"]["counts"]
+
+
+def test_mixup_is_refused_before_anything_is_written(digits_bundle_04, tmp_path):
+    """Refused before the first task's directory exists (an empty task0/ would block both a new run and --resume)."""
+    from edgevit.methods.continual import ContinualConfig, train_continual
+
+    with pytest.raises(EdgeVitError, match="mixup/cutmix need the plain cross-entropy loss; continual"):
+        train_continual(digits_bundle_04, "digits", tmp_path / "run", ContinualConfig(tasks=2), TrainConfig(mixup=0.8))
+    assert not (tmp_path / "run").exists()
 
 
 def test_resume_replays_finished_tasks(data_run, digits_bundle_04):

@@ -35,7 +35,7 @@ from edgevit.vit.surgery import MlpOnlyBlock
 KWARGS = {"img_size": 16, "in_chans": 1, "num_classes": 10, **TINY_ARCH, "init_values": 1e-2}
 ATTENTION_PARTS = ("norm1", "attn", "ls1")
 # One short epoch: these tests check plumbing, not how well healing works.
-HEAL = TrainConfig(epochs=1, batch_size=256, lr=1e-3, warmup_epochs=0.5, augment="none")
+HEAL = TrainConfig(epochs=1, batch_size=256, lr=1e-3, warmup_epochs=0.5, augment=None)
 
 
 def tiny_vit(seed: int = 0):

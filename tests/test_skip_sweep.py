@@ -10,7 +10,7 @@ from edgevit.studies.skip_sweep import sweep_skip
 from edgevit.train import TrainConfig
 from edgevit.vit import load_bundle
 
-HEAL = TrainConfig(epochs=1, batch_size=256, lr=1e-3, warmup_epochs=0.5, augment="none")
+HEAL = TrainConfig(epochs=1, batch_size=256, lr=1e-3, warmup_epochs=0.5, augment=None)
 
 
 

@@ -3,24 +3,21 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 from edgevit.data import DIGITS, classifier_classes, data_ref, default_input, load_split
-from edgevit.data.transforms import (
-    Augment,
-    default_preprocessing,
-    pretrained_config,
-    pretrained_preprocessing,
-    with_overrides,
-)
+from edgevit.data.transforms import default_preprocessing, pretrained_config, pretrained_preprocessing, with_overrides
 from edgevit.errors import EdgeVitError
-from edgevit.train import TrainConfig, fit, is_main_process
-from edgevit.train.run import check_run_dir, finish_run, method_train_config
+from edgevit.methods.registry import MethodConfig, Source, register
+from edgevit.settings import setting
+from edgevit.train import TrainConfig, fit
+from edgevit.train.loop import CHECKPOINT
+from edgevit.train.run import check_run_dir, finish_run
 from edgevit.vit import BundleMeta, create_vit
 from edgevit.vit.bundle import BaseArch, Preprocessing, read_weights
 
@@ -28,6 +25,56 @@ log = logging.getLogger("edgevit")
 
 # A ViT small enough to train on 2 CPU cores in minutes, sized for 32 px digits.
 DIGITS_ARCH = {"patch_size": 4, "embed_dim": 96, "depth": 6, "num_heads": 3}
+
+
+@dataclass
+class Architecture(MethodConfig):
+    """Overrides of a timm ViT architecture (a baseline's, or an attention-transfer student's)."""
+
+    img_size: int | None = setting(None, "Input side (default: 32 for digits, 224 or the weights' for folders; a "
+                                         "student: its teacher's, for the same patch grid).")
+    patch_size: int | None = setting(None, "Override the architecture's patch size.")
+    embed_dim: int | None = setting(None, "Override the width.")
+    depth: int | None = setting(None, "Override the number of blocks.")
+    heads: int | None = setting(None, "Override the number of heads.")
+
+    def arch(self) -> dict[str, int]:
+        """The overrides given, as timm constructor arguments."""
+        sizes = {"patch_size": self.patch_size, "embed_dim": self.embed_dim, "depth": self.depth,
+                 "num_heads": self.heads}
+        return {k: v for k, v in sizes.items() if v is not None}
+
+
+@dataclass
+class BaselineConfig(Architecture):
+    """Train a ViT on DATA: from scratch, from timm's pretrained weights (--pretrained) or a local
+    checkpoint (--init).
+
+    \b
+    Example:
+      edgevit train baseline --data digits -o runs/base
+      edgevit train baseline --data line3/ --model deit_tiny_patch16_224 --init deit_tiny.safetensors -o runs/line3
+    """
+
+    classes: list[str] | None = setting(None, "Comma-separated subset of the data's classes (default: all).")
+    pretrained: bool = setting(False, "Start from timm's pretrained weights of --model (a tagged name or hf-hub: id; "
+                                      "needs the network once, then timm's cache).")
+    init: str | None = setting(None, "Local checkpoint of --model to start from (.safetensors, or a torch state "
+                                     "dict); the bundle records --model's pretrained preprocessing.")
+    mean: list[float] | None = setting(None, "Override the recorded normalisation mean (one value or one per "
+                                             "channel).")
+    std: list[float] | None = setting(None, "Override the recorded std.")
+    interpolation: Literal["bilinear", "bicubic", "nearest"] | None = setting(
+        None, "Override the recorded resize interpolation.")
+    crop_pct: float | None = setting(None, "Override the recorded centre-crop fraction (1: no crop).")
+
+    def check(self) -> None:
+        if self.pretrained and self.init:
+            raise EdgeVitError("pass either --pretrained or --init, not both")
+
+    def preprocessing(self) -> dict[str, Any]:
+        """The overrides of the recorded preprocessing."""
+        return {"mean": self.mean, "std": self.std, "interpolation": self.interpolation, "crop_pct": self.crop_pct}
 
 
 def load_init_weights(path: str | Path, model: VisionTransformer) -> list[str]:
@@ -73,73 +120,54 @@ def baseline_preprocessing(data: str, model_name: str, img_size: int | None, wei
     return with_overrides(pre, **(overrides or {}))
 
 
-def train_baseline(
-        data: str,
-        out: str | Path,
-        model_name: str = "vit_tiny_patch16_224",
-        img_size: int | None = None,
-        arch: dict[str, Any] | None = None,
-        classes: list[str] | None = None,
-        init: str | None = None,
-        cfg: TrainConfig | None = None,
-        resume: bool = False,
-        pretrained: bool = False,
-        preprocessing: dict[str, Any] | None = None,
-        augment: Augment | None = None,
-) -> Path:
-    """Train a ViT on ``data`` and write a bundle with val/test top-1 to ``out``.
-
-    Args:
-        data: ``digits`` or an image folder.
-        out: the run directory (bundle + training checkpoint).
-        model_name: a timm ViT architecture (with a pretrained tag or as ``hf-hub:`` id for ``pretrained``).
-        img_size: input side; default 32 for digits, the pretrained input size with pretrained weights, 224
-            otherwise.
-        arch: architecture overrides (patch_size, embed_dim, depth, num_heads, ...); default: a small
-            ViT for digits, the named architecture as is otherwise.
-        classes: a subset of the source's classes to train on (default all).
-        init: a local checkpoint to start from (``model_name``'s pretrained preprocessing is recorded).
-        cfg: optimisation settings.
-        resume: continue a killed run in ``out``.
-        pretrained: start from timm's pretrained weights of ``model_name`` (needs the network once).
-        preprocessing: overrides of the recorded preprocessing (mean, std, interpolation, crop_pct).
-        augment: image-folder training augmentation (timm's pipeline; default RandomResizedCrop, no flips).
-    """
-    if pretrained and init:
-        raise EdgeVitError("pass either --pretrained or --init, not both")
-    cfg = cfg or method_train_config("baseline", data)
-    out = check_run_dir(out, resume)
-    classes = classifier_classes(data, classes)
-    arch = dict(DIGITS_ARCH if data == DIGITS and arch is None and not (pretrained or init) else arch or {})
-    resuming = resume and (out / "checkpoint.pt").exists()
-    torch.manual_seed(cfg.seed)
-    if pretrained:
+def base_model(model_name: str, data: str, cfg: BaselineConfig, classes: list[str],
+               resuming: bool) -> tuple[VisionTransformer, BundleMeta]:
+    """The model a baseline starts from and its metadata: ``model_name`` with the architecture overrides (a
+    small ViT for digits trained from scratch), from timm's pretrained weights, a local checkpoint (not when
+    resuming: the checkpoint has the weights) or random ones."""
+    arch = cfg.arch() or (DIGITS_ARCH if data == DIGITS and not (cfg.pretrained or cfg.init) else {})
+    kwargs = {"num_classes": len(classes), **arch}
+    if cfg.pretrained:
         channels = default_input(data).channels
-        kwargs = {"in_chans": channels, "num_classes": len(classes), **arch,
-                  **({"img_size": img_size} if img_size else {})}
-        model = create_vit(model_name, pretrained=not resuming, **kwargs)
-        pre = with_overrides(pretrained_preprocessing(model.pretrained_cfg, channels, img_size),
-                             **(preprocessing or {}))
+        model = create_vit(model_name, pretrained=not resuming, in_chans=channels, **kwargs,
+                           **({"img_size": cfg.img_size} if cfg.img_size else {}))
+        pre = with_overrides(pretrained_preprocessing(model.pretrained_cfg, channels, cfg.img_size),
+                             **cfg.preprocessing())
         model_name = model.pretrained_cfg.get("architecture") or model_name  # a bundle rebuilds offline
     else:
-        pre = baseline_preprocessing(data, model_name, img_size, init, preprocessing)
-        kwargs = {"in_chans": pre.channels, "num_classes": len(classes), **arch}
-        model = create_vit(model_name, img_size=pre.size, **kwargs)
-        if init and not resuming:
-            missing = load_init_weights(init, model)
-            log.info("--init %s: kept fresh (not in the file or of another shape): %s", init,
+        pre = baseline_preprocessing(data, model_name, cfg.img_size, cfg.init, cfg.preprocessing())
+        model = create_vit(model_name, img_size=pre.size, in_chans=pre.channels, **kwargs)
+        if cfg.init and not resuming:
+            missing = load_init_weights(cfg.init, model)
+            log.info("--init %s: kept fresh (not in the file or of another shape): %s", cfg.init,
                      ", ".join(missing) or "nothing")
-    kwargs["img_size"] = pre.size
-
-    ref = data_ref(data, classes)
+    kwargs.update(in_chans=pre.channels, img_size=pre.size)
     meta = BundleMeta(base=BaseArch(name=model_name, kwargs=kwargs), preprocessing=pre, classes=classes,
-                      data=ref)
-    augment = augment or Augment()
-    train_set = load_split(data, "train", pre, ref.classes, augment=augment)
-    val_set = load_split(data, "val", pre, ref.classes)
-    result = fit(model, train_set, cfg, out, val_set=val_set, resume=resume, description="baseline")
-    if is_main_process():
-        weights = "timm-pretrained" if pretrained else str(init) if init else None
-        folder_augment = None if data == DIGITS else asdict(augment)  # digits are augmented by cfg.augment
-        finish_run(out, model, meta, "baseline", None, cfg, result, init=weights, augment=folder_augment)
-    return out
+                      data=data_ref(data, classes))
+    return model, meta
+
+
+@register("baseline", BaselineConfig,
+          source=Source("--model", "timm ViT architecture.", default="vit_tiny_patch16_224"))
+def train_baseline(source: str, data: str, out: Path, cfg: BaselineConfig, train_cfg: TrainConfig,
+                   resume: bool) -> Path:
+    """Train the timm ViT ``source`` on ``data`` and write a bundle with val/test top-1 to ``out``.
+
+    Args:
+        source: a timm ViT architecture (with a pretrained tag or as ``hf-hub:`` id for ``cfg.pretrained``).
+        data: ``digits`` or an image folder.
+        out: the run directory (bundle + training checkpoint).
+        cfg: the architecture, classes, initial weights and recorded preprocessing.
+        train_cfg: optimisation settings.
+        resume: continue a killed run in ``out``.
+    """
+    out = check_run_dir(out, resume)
+    classes = classifier_classes(data, cfg.classes)
+    torch.manual_seed(train_cfg.seed)
+    model, meta = base_model(source, data, cfg, classes, resume and (out / CHECKPOINT).exists())
+    pre, chosen = meta.preprocessing, meta.data.classes
+    train_set = load_split(data, "train", pre, chosen, augment=train_cfg.augment)
+    result = fit(model, train_set, train_cfg, out, val_set=load_split(data, "val", pre, chosen), resume=resume,
+                 description="baseline")
+    weights = "timm-pretrained" if cfg.pretrained else cfg.init
+    return finish_run(out, model, meta, "baseline", cfg, train_cfg, result, init=weights)

@@ -32,6 +32,9 @@ Ours:
 * Heads (not in the paper, whose LLM reuses its vocabulary): cosine classifiers, each new one started at
   its classes' mean feature direction (:meth:`ContinualLearner.prototypes`); see the protocols below.
 
+Baselines (sequential LoRA, full fine-tuning, heads only, joint training) are built from these pieces in
+``benchmarks/study_continual.py`` (:class:`ContinualLearner`'s ``adapt`` argument).
+
 Protocols (the backbone must not have seen the tasks' labels):
 
 * ``class`` (class-incremental): the task classes are DATA's classes the backbone was not trained on
@@ -64,10 +67,10 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -75,12 +78,14 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
-from edgevit.data import calibration_batch, data_ref, load_split
+from edgevit.data import augmentation, calibration_batch, data_ref, load_split
 from edgevit.errors import EdgeVitError
-from edgevit.train import TrainConfig, evaluate, fit, is_main_process
+from edgevit.methods.registry import MethodConfig, Source, register
+from edgevit.settings import setting
+from edgevit.train import Augment, TrainConfig, TrainResult, evaluate, fit
 from edgevit.train.loop import CHECKPOINT
-from edgevit.train.run import check_run_dir, finish_run, method_train_config, unseen_classes
-from edgevit.vit import BundleMeta, apply_surgery, create_vit, load_bundle
+from edgevit.train.run import check_run_dir, finish_run, unseen_classes
+from edgevit.vit import BundleMeta, apply_surgery, create_vit, load_bundle, read_meta
 from edgevit.vit.adapters import (
     ROUTERS,
     Router,
@@ -93,54 +98,53 @@ from edgevit.vit.adapters import (
     routers_of,
 )
 from edgevit.vit.bundle import BaseArch, Preprocessing
+from edgevit.vit.model import num_blocks, pooled_features
 
 log = logging.getLogger("edgevit")
 
-PROTOCOLS = ("class", "domain")
-LEARNERS = ("data", "lora", "finetune", "head")
-FORMS = ("merged", "exact")
 DOMAINS = ("identity", "invert", "rot90", "hflip", "noise")
 NOISE_STD = 0.3  # of the [0, 1] pixel range
 
 
 @dataclass
-class ContinualConfig:
-    """A continual-learning run.
+class ContinualConfig(MethodConfig):
+    """Learn a task sequence with DATA (no rehearsal, no task id) and write exact and merged bundles.
 
-    Args:
-        protocol: ``class`` (class-incremental, growing head) or ``domain`` (same classes, new transform
-            per task, shared head).
-        tasks: number of tasks T; default: ``classes // 2`` (class), 4 (domain).
-        ranks: ranks (r1, r2) of the task-shared low-rank and task-specific high-rank paths.
-        components: rows M per task of each router's K, A, W (per path).
-        group_size: blocks per router group (default :func:`default_group_size`).
-        ortho_weight: weight of the orthogonality loss (the authors' ``ortho_mu``).
-        form: the bundle written to the run directory (the other form goes to ``RUN/<other form>/``).
-        learner: ``data``; the baselines of ``benchmarks/study_continual.py`` are ``lora`` (sequential LoRA),
-            ``finetune`` (sequential full fine-tuning) and ``head`` (frozen backbone, heads only).
-        lora_rank: rank of the ``lora`` baseline.
-        calibration_images: unlabeled val images per task the merged form's mean scales are measured on.
-        head_scale: the cosine heads' logit scale (:class:`CosineHead`).
+    \b
+    Example (backbone on digits 0-4, tasks {5,6}, {7,8,9}):
+      edgevit train baseline --data digits --classes 0,1,2,3,4 -o runs/base04
+      edgevit train continual --model runs/base04 --data digits -o runs/data --tasks 2
     """
 
-    protocol: str = "class"
-    tasks: int | None = None
-    ranks: tuple[int, ...] = (4, 16)
-    components: int = 8
-    group_size: int | None = None
-    ortho_weight: float = 1.0
-    form: str = "merged"
-    learner: str = "data"
-    lora_rank: int = 8
-    calibration_images: int = 64
-    head_scale: float = 16.0
+    training: ClassVar[dict] = {"epochs": 10, "lr": 3e-3, "warmup_epochs": 1.0}  # per task
+
+    tasks: int | None = setting(None, "Number of tasks (default: classes // 2 for class, 4 for domain).")
+    protocol: Literal["class", "domain"] = setting("class", "class: disjoint classes per task, growing head; "
+                                                            "domain: same classes, a new image transform per task "
+                                                            "(identity, invert, rot90, hflip, noise).")
+    ranks: tuple[int, ...] = setting((4, 16), "Ranks r1,r2 of the task-shared and task-specific adapter paths.")
+    components: int = setting(8, "Router components per task (M).")
+    group_size: int | None = setting(None, "Blocks per router group (default 4, fewer for shallow models).")
+    ortho_weight: float = setting(1.0, "Orthogonality loss weight (the authors' ortho_mu).")
+    form: Literal["merged", "exact"] = setting("merged", "Bundle written to OUT: merged (mean scales folded, the base "
+                                                         "graph) or exact (per-sample scale branch); the other form "
+                                                         "goes to OUT/<form>/.")
+    classes: list[str] | None = setting(None, "Task classes (default: DATA's classes the backbone was not trained "
+                                              "on).")
+    calibration_images: int = setting(64, "Unlabeled val images per task the merged form's mean scales are "
+                                          "measured on.")
+    head_scale: float = setting(16.0, "Logit scale of the cosine task heads.")
+
+    def check(self) -> None:
+        if len(self.ranks) != 2 or min(self.ranks) < 1:
+            raise EdgeVitError(f"--ranks takes two positive ranks r1,r2, got {list(self.ranks)}")
+        if not (math.isfinite(self.ortho_weight) and self.ortho_weight >= 0):
+            raise EdgeVitError(f"ortho weight must be >= 0, got {self.ortho_weight}")
+        if self.calibration_images < 1:
+            raise EdgeVitError(f"calibration images must be positive, got {self.calibration_images}")
 
     def resolved(self, classes: int, depth: int, dim: int) -> ContinualConfig:
         """Defaults filled in for ``classes`` task classes and a ``depth`` x ``dim`` ViT; validated."""
-        for name, value, allowed in (("protocol", self.protocol, PROTOCOLS), ("learner", self.learner, LEARNERS),
-                                     ("form", self.form, FORMS)):
-            if value not in allowed:
-                raise EdgeVitError(f"unknown {name} {value!r} ({', '.join(allowed)})")
         tasks = self.tasks or (classes // 2 if self.protocol == "class" else 4)
         if self.protocol == "class" and not 1 <= tasks <= classes // 2:
             raise EdgeVitError(f"{classes} classes make 1..{classes // 2} class-incremental tasks of >= 2 "
@@ -150,18 +154,12 @@ class ContinualConfig:
                                f"got --tasks {tasks}")
         if classes < 2:
             raise EdgeVitError(f"continual tasks need at least 2 classes, got {classes}")
-        if len(self.ranks) != 2 or min(self.ranks) < 1:
-            raise EdgeVitError(f"--ranks takes two positive ranks r1,r2, got {list(self.ranks)}")
         if self.components < 1 or self.components * tasks > dim:
             raise EdgeVitError(f"--components {self.components} x {tasks} tasks must be in 1..{dim} (the width): "
                                "each task's components are orthogonal to the earlier ones")
         group = self.group_size or default_group_size(depth)
         if not 1 <= group <= depth:
             raise EdgeVitError(f"group size must be in 1..{depth}, got {group}")
-        if not (math.isfinite(self.ortho_weight) and self.ortho_weight >= 0):
-            raise EdgeVitError(f"ortho weight must be >= 0, got {self.ortho_weight}")
-        if self.calibration_images < 1:
-            raise EdgeVitError(f"calibration images must be positive, got {self.calibration_images}")
         return replace(self, tasks=tasks, group_size=group, ranks=tuple(self.ranks))
 
 
@@ -196,6 +194,7 @@ class TaskView(Dataset):
         self.base, self.rows, self.domain, self.pre = base, list(rows), domain, pre
         self.targets = [base.targets[i] for i in self.rows]
         self.classes = base.classes
+        self.augmentation = augmentation(base)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -207,11 +206,13 @@ class TaskView(Dataset):
 
 @dataclass
 class Task:
-    """One task: its name, the head labels it uses (``[lo, hi)``) and its splits."""
+    """One task: its name, the head labels it uses (``[lo, hi)``), its splits as evaluated and its training
+    images as trained on (augmented)."""
 
     name: str
     labels: tuple[int, int]
     splits: dict[str, Dataset] = field(repr=False)
+    train_set: Dataset = field(repr=False)
 
 
 def task_classes(meta: BundleMeta, data: str, classes: list[str] | None) -> list[str]:
@@ -219,30 +220,36 @@ def task_classes(meta: BundleMeta, data: str, classes: list[str] | None) -> list
     return unseen_classes(meta, data, classes, "continual tasks")
 
 
-def make_tasks(data: str, classes: list[str], pre: Preprocessing, cfg: ContinualConfig) -> list[Task]:
-    """The task sequence of a resolved ``cfg`` over ``classes`` of ``data``."""
+def make_tasks(data: str, classes: list[str], pre: Preprocessing, cfg: ContinualConfig,
+               augment: Augment | None = None) -> list[Task]:
+    """The task sequence of a resolved ``cfg`` over ``classes`` of ``data`` (training images augmented with
+    ``augment``)."""
     splits = {s: load_split(data, s, pre, classes) for s in ("train", "val", "test")}
+    training = load_split(data, "train", pre, classes, augment=augment)
     if cfg.protocol == "domain":
-        return [Task(domain, (0, len(classes)),
-                     {s: TaskView(d, range(len(d)), domain, pre) for s, d in splits.items()})
-                for domain in DOMAINS[:cfg.tasks]]
+        return [Task(domain, (0, len(classes)), {s: TaskView(d, range(len(d)), domain, pre) for s, d in splits.items()},
+                     TaskView(training, range(len(training)), domain, pre)) for domain in DOMAINS[:cfg.tasks]]
     cuts = [round(i * len(classes) / cfg.tasks) for i in range(cfg.tasks + 1)]
     tasks = []
     for lo, hi in zip(cuts, cuts[1:], strict=False):
         views = {s: TaskView(d, [i for i, y in enumerate(d.targets) if lo <= y < hi], "identity", pre)
                  for s, d in splits.items()}
-        tasks.append(Task(",".join(classes[lo:hi]), (lo, hi), views))
+        tasks.append(Task(",".join(classes[lo:hi]), (lo, hi), views,
+                          TaskView(training, views["train"].rows, "identity", pre)))
     return tasks
 
 
 def joint_task(tasks: Sequence[Task]) -> Task:
     """Every task's data as one task (the joint-training upper bound)."""
-    splits = {}
-    for s in ("train", "val", "test"):
-        joined = ConcatDataset([t.splits[s] for t in tasks])
-        joined.targets = [y for t in tasks for y in t.splits[s].targets]
-        splits[s] = joined
-    return Task("joint", (min(t.labels[0] for t in tasks), max(t.labels[1] for t in tasks)), splits)
+    def joined(parts: list[Dataset]) -> ConcatDataset:
+        concat = ConcatDataset(parts)
+        concat.targets = [y for part in parts for y in part.targets]
+        concat.augmentation = augmentation(parts[0])
+        return concat
+
+    splits = {s: joined([t.splits[s] for t in tasks]) for s in ("train", "val", "test")}
+    return Task("joint", (min(t.labels[0] for t in tasks), max(t.labels[1] for t in tasks)), splits,
+                joined([t.train_set for t in tasks]))
 
 
 # ------------------------------------------------------------------------------------------------ learner
@@ -318,17 +325,30 @@ class CosineHead(nn.Module):
         return features @ self.scaled_weight().T
 
 
+def data_adapters(vit: VisionTransformer, cfg: ContinualConfig) -> None:
+    """DATA's adapter paths and task routers on every block of the frozen ``vit`` (``U = 0``, ``D ~ N(0, 1/r^2)``
+    per path of rank ``r``)."""
+    routers = [TaskRouter(vit.embed_dim, len(cfg.ranks), cfg.components)
+               for _ in block_groups(num_blocks(vit), cfg.group_size)]
+    for linear in inject_adapters(vit, cfg.ranks, cfg.group_size, routers):
+        for lo, r in zip((0, cfg.ranks[0]), cfg.ranks, strict=True):
+            nn.init.normal_(linear.down[lo:lo + r], std=1 / r)
+
+
 class ContinualLearner(nn.Module):
-    """A backbone plus what a continual learner trains: adapters and routers (``data``), LoRA (``lora``),
-    everything (``finetune``) or nothing but heads (``head``); and the heads of the tasks seen so far.
+    """A frozen backbone plus what a continual learner trains (DATA's adapters and routers, by default) and the
+    heads of the tasks seen so far.
 
     Args:
-        vit: the backbone (modified in place; its classifier is dropped).
+        vit: the backbone (modified in place; its classifier is dropped and its weights frozen).
         cfg: a resolved :class:`ContinualConfig`.
         seed: seeds the adapters' and components' initialisation.
+        adapt: makes ``vit`` trainable for the tasks (default :func:`data_adapters`; the baselines of
+            ``benchmarks/study_continual.py`` pass their own).
     """
 
-    def __init__(self, vit: VisionTransformer, cfg: ContinualConfig, seed: int = 0) -> None:
+    def __init__(self, vit: VisionTransformer, cfg: ContinualConfig, seed: int = 0,
+                 adapt: Callable[[VisionTransformer, ContinualConfig], None] = data_adapters) -> None:
         super().__init__()
         self.cfg = cfg
         self.seed = seed
@@ -337,17 +357,8 @@ class ContinualLearner(nn.Module):
         self.heads = nn.ModuleList()
         self.tasks_seen = 0
         torch.manual_seed(seed)
-        for p in vit.parameters():
-            p.requires_grad_(cfg.learner == "finetune")
-        if cfg.learner == "data":
-            groups = block_groups(len(vit.blocks), cfg.group_size)
-            routers = [TaskRouter(vit.embed_dim, len(cfg.ranks), cfg.components) for _ in groups]
-            for linear in inject_adapters(vit, cfg.ranks, cfg.group_size, routers):
-                for lo, r in zip((0, cfg.ranks[0]), cfg.ranks, strict=True):
-                    nn.init.normal_(linear.down[lo:lo + r], std=1 / r)
-        elif cfg.learner == "lora":
-            for linear in inject_adapters(vit, (cfg.lora_rank,), cfg.group_size, None):
-                nn.init.kaiming_uniform_(linear.down, a=math.sqrt(5))  # PEFT's LoRA init (U = 0)
+        vit.requires_grad_(False)
+        adapt(vit, cfg)
 
     def begin_task(self, task: Task) -> None:
         """Make room for ``task``: its router components and its head (class protocol; the domain protocol
@@ -377,13 +388,13 @@ class ContinualLearner(nn.Module):
         device = next(self.vit.parameters()).device
         sums = torch.zeros(hi - lo, self.vit.embed_dim)
         for images, labels in DataLoader(task.splits["train"], batch_size=256):
-            features = self.vit.forward_head(self.vit.forward_features(images.to(device)), pre_logits=True)
+            features = pooled_features(self.vit, images.to(device))
             sums.index_add_(0, labels - lo, F.normalize(features, dim=-1).cpu())
         self.train(was_training)
         return F.normalize(sums, dim=-1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        features = self.vit.forward_head(self.vit.forward_features(images), pre_logits=True)
+        features = pooled_features(self.vit, images)
         if self.training:
             features = F.normalize(features, dim=-1)
         return torch.cat([head(features) for head in self.heads], dim=-1)
@@ -408,7 +419,7 @@ def task_loss(learner: ContinualLearner, task: Task, label_smoothing: float):
     def loss_fn(model: nn.Module, images: torch.Tensor, labels: torch.Tensor):
         logits = model(images)
         loss = F.cross_entropy(logits[:, lo:hi], labels - lo, label_smoothing=label_smoothing)
-        if learner.cfg.ortho_weight > 0 and learner.cfg.learner == "data":
+        if learner.cfg.ortho_weight > 0 and routers_of(learner.vit):
             loss = loss + learner.cfg.ortho_weight * learner.ortho_loss().to(loss.device)
         return loss, logits
 
@@ -424,7 +435,7 @@ def continual_metrics(accuracy: Sequence[Sequence[float]]) -> dict[str, float]:
 
 
 def run_tasks(learner: ContinualLearner, tasks: Sequence[Task], train_cfg: TrainConfig, out: str | Path,
-              resume: bool = False, evaluate_on: Sequence[Task] | None = None) -> dict[str, Any]:
+              resume: bool = False, evaluate_on: Sequence[Task] | None = None) -> tuple[dict[str, Any], TrainResult]:
     """Train ``learner`` on ``tasks`` one after another (checkpoints in ``out/task<i>/``) and measure.
 
     A resumed run replays the sequence: finished tasks load their final checkpoint instead of training.
@@ -439,22 +450,24 @@ def run_tasks(learner: ContinualLearner, tasks: Sequence[Task], train_cfg: Train
             original tasks).
 
     Returns:
-        ``accuracy`` (test top-1 rows), per-task ``history`` and :func:`continual_metrics`.
+        ``accuracy`` (test top-1 rows), per-task ``history`` and :func:`continual_metrics`; and the training of all
+        tasks as one :class:`~edgevit.train.TrainResult`.
     """
-    accuracy, history = [], []
+    accuracy, history, results = [], [], []
     for i, task in enumerate(tasks):
         learner.begin_task(task)
-        task_dir = Path(out) / f"task{i}"
-        task_dir.mkdir(parents=True, exist_ok=True)
-        result = fit(learner, task.splits["train"], train_cfg, task_dir,
+        result = fit(learner, task.train_set, train_cfg, Path(out) / f"task{i}",
                      loss_fn=task_loss(learner, task, train_cfg.label_smoothing), val_set=task.splits["val"],
-                     resume=resume, description=f"{learner.cfg.learner} task {i + 1}/{len(tasks)} [{task.name}]")
+                     resume=resume, description=f"task {i + 1}/{len(tasks)} [{task.name}]")
         seen = evaluate_on if evaluate_on is not None else tasks[:i + 1]
         accuracy.append([round(evaluate(learner, t.splits["test"]), 5) for t in seen])
         history.append({"task": task.name, "epochs": result.epochs, "steps": result.steps,
                         "train_seconds": round(result.seconds, 1)})
+        results.append(result)
         log.info("after task %d (%s): test top-1 %s", i + 1, task.name, accuracy[-1])
-    return {"accuracy": accuracy, "history": history, **continual_metrics(accuracy)}
+    total = TrainResult(sum(r.epochs for r in results), sum(r.steps for r in results),
+                        sum(r.seconds for r in results), [e for r in results for e in r.history], results[-1].augment)
+    return {"accuracy": accuracy, "history": history, **continual_metrics(accuracy)}, total
 
 
 # ----------------------------------------------------------------------------------------------- deploying
@@ -506,69 +519,71 @@ def check_backbone(vit: VisionTransformer, meta: BundleMeta) -> None:
         raise EdgeVitError("the backbone already carries adapters; start from a plain bundle")
 
 
-def train_continual(
-        model_run: str | Path,
-        data: str,
-        out: str | Path,
-        cfg: ContinualConfig | None = None,
-        train_cfg: TrainConfig | None = None,
-        classes: list[str] | None = None,
-        resume: bool = False,
-) -> Path:
-    """Learn a task sequence with DATA on a frozen bundle and write the ``exact`` and ``merged`` bundles.
-
-    Args:
-        model_run: the backbone bundle, trained on classes other than the tasks' (e.g. digits 0-4).
-        data: ``digits`` or an image folder.
-        out: the run directory: the ``cfg.form`` bundle, the other form under ``out/<form>/``, per-task
-            checkpoints under ``out/task<i>/``.
-        cfg: continual settings (``learner`` must be ``data``).
-        train_cfg: optimisation settings of every task.
-        classes: the tasks' classes (default: DATA's classes the backbone was not trained on).
-        resume: continue a killed run in ``out``.
-    """
-    cfg = cfg or ContinualConfig()
-    if cfg.learner != "data":
-        raise EdgeVitError("train_continual writes DATA bundles; baselines run in benchmarks/study_continual.py")
-    train_cfg = train_cfg or method_train_config("continual", data)
-    out = check_run_dir(out, resume, checkpoint=f"task0/{CHECKPOINT}")
-    vit, meta = load_bundle(model_run)
-    check_backbone(vit, meta)
-    classes = task_classes(meta, data, classes)
-    cfg = cfg.resolved(len(classes), len(vit.blocks), vit.embed_dim)
-    pre = meta.preprocessing
-    tasks = make_tasks(data, classes, pre, cfg)
-    learner = ContinualLearner(vit, cfg, train_cfg.seed)
-    measured = run_tasks(learner, tasks, train_cfg, out, resume)
-    if not is_main_process():
-        return out
-
-    learner.cpu().eval()
-    calibration = torch.cat([calibration_batch(t.splits["val"], min(cfg.calibration_images, len(t.splits["val"])),
-                                               train_cfg.seed) for t in tasks])
-    forms = deployable_forms(learner, meta, calibration)
+def form_metrics(learner: ContinualLearner, forms: dict, tasks: Sequence[Task], measured: dict,
+                 calibration: torch.Tensor, cfg: ContinualConfig) -> dict[str, Any]:
+    """What both bundles record: the accuracy matrix of training, each form's final accuracy per task, and how
+    far the exact form is from the trained model."""
     with torch.no_grad():
         probe = calibration[:64]
         exact_error = float((forms["exact"][0](probe) - learner(probe)).abs().max())
     final = {name: [round(evaluate(model, t.splits["test"]), 5) for t in tasks] for name, (model, _) in forms.items()}
     summary = {name: {"final_accuracy": row, "final_average_accuracy": round(sum(row) / len(row), 5)}
                for name, row in final.items()}
-    ref = data_ref(data, classes)
-    trainable = sum(p.numel() for n, p in learner.named_parameters() if p.requires_grad and not n.startswith("heads"))
-    for name, (model, surgery) in forms.items():
-        meta_out = BundleMeta(base=BaseArch(name=meta.base.name, kwargs={**meta.base.kwargs,
-                                                                          "num_classes": model.num_classes}),
-                              surgery=surgery, preprocessing=pre, classes=classes, data=ref)
-        metrics = {
-            "form": name,
-            "continual": {"protocol": cfg.protocol, "tasks": [t.name for t in tasks],
+    return {"continual": {"protocol": cfg.protocol, "tasks": [t.name for t in tasks],
                           "how": "test top-1 per task after each task, no task id (argmax over all seen classes)",
                           "accuracy": measured["accuracy"],
                           "final_average_accuracy": measured["final_average_accuracy"],
                           "average_forgetting": measured["average_forgetting"], "forms": summary},
             "exact_max_abs_diff": exact_error, "history": measured["history"]}
-        finish_run(out if name == cfg.form else out / name, model, meta_out, "continual", cfg, train_cfg,
-                   metrics=metrics, backbone=str(model_run), backbone_classes=meta.data.classes or meta.classes,
-                   adapter_params=trainable, calibration_images=len(calibration))
-    return out
 
+
+def continual_report(out: Path, cfg: ContinualConfig) -> tuple[dict, str]:
+    """The accuracy after each task, and the deployed forms' final average accuracy."""
+    c = read_meta(out).metrics["continual"]
+    rows = "\n".join(f"  after task {i + 1}: " + " ".join(f"{a:.3f}" for a in row)
+                     for i, row in enumerate(c["accuracy"]))
+    forms = ", ".join(f"{k} {v['final_average_accuracy']:.4f}" for k, v in c["forms"].items())
+    return {"run": str(out), **c}, (f"wrote {out} ({cfg.form}); test top-1 per task ({', '.join(c['tasks'])}):\n"
+                                    f"{rows}\nfinal average accuracy {c['final_average_accuracy']:.4f}, average "
+                                    f"forgetting {c['average_forgetting']:.4f}; deployed forms: {forms}")
+
+
+@register("continual", ContinualConfig, own_loss=True, report=continual_report, source=Source(
+    "--model", "Backbone bundle (frozen), trained on classes other than the tasks' ones."))
+def train_continual(source: str | Path, data: str, out: Path, cfg: ContinualConfig, train_cfg: TrainConfig,
+                    resume: bool) -> Path:
+    """Learn a task sequence with DATA on the frozen bundle ``source``; write the ``exact`` and ``merged`` bundles.
+
+    Args:
+        source: the backbone bundle, trained on classes other than the tasks' (e.g. digits 0-4).
+        data: ``digits`` or an image folder.
+        out: the run directory: the ``cfg.form`` bundle, the other form under ``out/<form>/``, per-task
+            checkpoints under ``out/task<i>/``.
+        cfg: continual settings, with the tasks' classes (default: DATA's classes the backbone was not trained on).
+        train_cfg: optimisation settings of every task.
+        resume: continue a killed run in ``out``.
+    """
+    check_run_dir(out, resume, checkpoint=f"task0/{CHECKPOINT}")
+    vit, meta = load_bundle(source)
+    check_backbone(vit, meta)
+    classes = task_classes(meta, data, cfg.classes)
+    cfg = cfg.resolved(len(classes), num_blocks(vit), vit.embed_dim)
+    tasks = make_tasks(data, classes, meta.preprocessing, cfg, train_cfg.augment)
+    learner = ContinualLearner(vit, cfg, train_cfg.seed)
+    measured, result = run_tasks(learner, tasks, train_cfg, out, resume)
+    learner.cpu().eval()
+    calibration = torch.cat([calibration_batch(t.splits["val"], min(cfg.calibration_images, len(t.splits["val"])),
+                                               train_cfg.seed) for t in tasks])
+    forms = deployable_forms(learner, meta, calibration)
+    metrics = form_metrics(learner, forms, tasks, measured, calibration, cfg)
+    trainable = sum(p.numel() for n, p in learner.named_parameters() if p.requires_grad and not n.startswith("heads"))
+    for name, (model, surgery) in forms.items():
+        meta_out = BundleMeta(base=BaseArch(name=meta.base.name, kwargs={**meta.base.kwargs,
+                                                                          "num_classes": model.num_classes}),
+                              surgery=surgery, preprocessing=meta.preprocessing, classes=classes,
+                              data=data_ref(data, classes))
+        finish_run(out if name == cfg.form else out / name, model, meta_out, "continual", cfg, train_cfg, result,
+                   {"form": name, **metrics}, backbone=str(source),
+                   backbone_classes=meta.data.classes or meta.classes, adapter_params=trainable,
+                   calibration_images=len(calibration))
+    return out

@@ -34,10 +34,9 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -47,42 +46,45 @@ from torch.utils.data import DataLoader, Dataset
 
 from edgevit.data import data_ref, fraction_subset, load_split, source_classes
 from edgevit.errors import EdgeVitError
-from edgevit.train import TrainConfig, fit, is_main_process
+from edgevit.methods.registry import MethodConfig, Source, register
+from edgevit.settings import setting
+from edgevit.train import TrainConfig, TrainResult, fit
 from edgevit.train.loop import CHECKPOINT, load_checkpoint
-from edgevit.train.run import check_run_dir, finish_run, method_train_config, split_metrics
-from edgevit.vit import BundleMeta, apply_surgery, attention, load_bundle, read_meta, split_qkv
+from edgevit.train.run import check_run_dir, finish_run, split_metrics
+from edgevit.vit import BundleMeta, apply_surgery, load_bundle, read_meta
 from edgevit.vit.bundle import build_model
-from edgevit.vit.memory import MemoryTable, memory_of
+from edgevit.vit.memory import MemoryTable, capture_pooled_kv, memory_of, set_memory
+from edgevit.vit.model import block_index, num_blocks
 
 FULL_MEMORY_SLOTS = "full_memory_slots"
-SUMMARIZERS = ("kmeans", "learned")
 
 
 @dataclass
-class MemoryConfig:
-    """Settings of ``edgevit train memory``.
+class MemoryConfig(MethodConfig):
+    """Fine-tune a bundle with a MoViT memory (ATMA updates) and deploy a compact summarized table (PAL).
 
-    Args:
-        block: the block that gets the memory branch (negative counts from the end; default the last).
-        slots: full-memory size ``S`` per head, capped at the number of training images.
-        topk: memory rows each query attends to; ``None`` is dense attention over all of them.
-        momentum: ATMA ``beta``: a rewritten slot becomes ``beta*old + (1-beta)*new``.
-        prototypes: rows ``P`` of the deployed table (PAL); 0 deploys the full memory as is.
-        summarize: ``kmeans`` or ``learned`` (k-means, then a brief distillation of the table).
-        summarize_epochs: epochs of the ``learned`` summarization.
-        gate_init: initial gate logit of every head (``sigmoid(-1) = 0.27``).
-        data_fraction: class-stratified fraction of the training split to use (low-data regimes).
+    \b
+    Example:
+      edgevit train memory --model runs/base --data digits -o runs/memory --prototypes 64
     """
 
-    block: int = -1
-    slots: int = 2048
-    topk: int | None = 32
-    momentum: float = 0.9
-    prototypes: int = 64
-    summarize: str = "kmeans"
-    summarize_epochs: int = 5
-    gate_init: float = -1.0
-    data_fraction: float = 1.0
+    training: ClassVar[dict] = {"epochs": 15, "lr": 5e-4, "warmup_epochs": 1.0}
+
+    block: int = setting(-1, "Block that gets the memory branch (negative counts from the end).")
+    slots: int = setting(2048, "Full training memory size S per head (capped at the number of training images).")
+    topk: int | None = setting(32, "Memory rows each query attends to (0 or None: dense attention over all rows).")
+    momentum: float = setting(0.9, "ATMA beta: a rewritten slot becomes beta*old + (1-beta)*new.")
+    prototypes: int = setting(64, "Rows P of the deployed table (PAL summarization); 0 deploys the full memory.")
+    summarize: Literal["kmeans", "learned"] = setting("kmeans", "PAL: k-means on keys (values averaged), or k-means "
+                                                                "then a brief distillation of the table.")
+    summarize_epochs: int = setting(5, "Epochs of --summarize learned.")
+    gate_init: float = setting(-1.0, "Initial per-head gate logit (sigmoid(-1) = 0.27).")
+    data_fraction: float = setting(1.0, "Class-stratified fraction of the training split (low-data regimes).")
+
+    def __post_init__(self) -> None:
+        if self.topk == 0:  # as the command line says dense attention
+            self.topk = None
+        super().__post_init__()
 
     def check(self) -> None:
         if self.slots < 1:
@@ -93,8 +95,6 @@ class MemoryConfig:
             raise EdgeVitError(f"--momentum must be in [0, 1), got {self.momentum}")
         if self.prototypes < 0:
             raise EdgeVitError(f"--prototypes must be >= 0 (0 deploys the full memory), got {self.prototypes}")
-        if self.summarize not in SUMMARIZERS:
-            raise EdgeVitError(f"unknown summarization {self.summarize!r} ({', '.join(SUMMARIZERS)})")
 
 
 def atma(old: torch.Tensor, new: torch.Tensor, momentum: float) -> torch.Tensor:
@@ -150,28 +150,6 @@ class SlotMemory(nn.Module):
             self.writes[slot] += 1
 
 
-@contextmanager
-def capture_sample_kv(model: VisionTransformer, block: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Record, per forward pass, each image's pooled-token key and value in ``block`` (``B x H x d_h``,
-    detached): the class token for token pooling, else the mean over the patch tokens."""
-    attn = attention(model, block)
-    captured: dict[str, torch.Tensor] = {}
-    first = model.num_prefix_tokens
-    use_cls = model.global_pool == "token" and model.cls_token is not None
-
-    def hook(module, args, output):
-        _, k, v = split_qkv(attn, output.detach())
-        k = attn.k_norm(k)
-        captured["keys"] = k[:, :, 0] if use_cls else k[:, :, first:].mean(2)
-        captured["values"] = v[:, :, 0] if use_cls else v[:, :, first:].mean(2)
-
-    handle = attn.qkv.register_forward_hook(hook)
-    try:
-        yield captured
-    finally:
-        handle.remove()
-
-
 class MemoryTrainer(nn.Module):
     """The module ``fit`` trains: a ViT whose ``block`` reads a full memory, and that memory's bookkeeping.
 
@@ -203,7 +181,7 @@ class MemoryTrainer(nn.Module):
     def loss(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-entropy of a forward pass that reads the memory; the batch is written at the next call."""
         self.flush()
-        with capture_sample_kv(self.model, self.block) as kv:
+        with capture_pooled_kv(self.model, self.block) as kv:
             logits = self.model(images)
         self._pending = (kv["keys"], kv["values"], labels.detach())
         return F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing), logits
@@ -227,7 +205,7 @@ class MemoryTrainer(nn.Module):
         self.eval()
         device = next(self.parameters()).device
         for images, labels in DataLoader(dataset, batch_size=batch_size):
-            with capture_sample_kv(self.model, self.block) as kv:
+            with capture_pooled_kv(self.model, self.block) as kv:
                 self.model(images.to(device))
             self.memory.write(self.table, kv["keys"], kv["values"], labels, momentum=self.momentum)
         self.train(was_training)
@@ -299,7 +277,7 @@ def summarize_table(table: MemoryTable, prototypes: int, seed: int = 0, topk: in
 def with_table(model: VisionTransformer, block: int, table: MemoryTable) -> VisionTransformer:
     """A copy of ``model`` whose ``block`` reads ``table`` instead of its own memory."""
     other = copy.deepcopy(model)
-    attention(other, block).memory = copy.deepcopy(table)
+    set_memory(other, block, copy.deepcopy(table))
     return other
 
 
@@ -326,47 +304,49 @@ class TableDistiller(nn.Module):
 
 @dataclass
 class MemoryTask:
-    """A bundle's model readied for a data source: head sized for its classes, the training subset chosen."""
+    """A bundle's model readied for a data source: head sized for its classes, the training subset chosen (as
+    trained on, augmented, and as evaluated, which prefills the memory)."""
 
     model: VisionTransformer
     meta: BundleMeta
     train_set: Dataset
+    prefill_set: Dataset
     val_set: Dataset
 
 
-def prepare_task(model_dir: str | Path, data: str, fraction: float = 1.0, seed: int = 0) -> MemoryTask:
+def prepare_task(model_dir: str | Path, data: str, fraction: float, train_cfg: TrainConfig) -> MemoryTask:
     """Load the bundle in ``model_dir`` for training on all classes of ``data``.
 
     A bundle trained on other classes gets a fresh classifier for ``data``'s classes (transfer); the
-    training split is cut to a class-stratified ``fraction``.
+    training split is cut to a class-stratified ``fraction`` (seeded by ``train_cfg.seed``).
     """
     model, meta = load_bundle(model_dir)
     meta = meta.model_copy(deep=True)
     classes = source_classes(data)
     if classes != meta.classes:
-        torch.manual_seed(seed)
+        torch.manual_seed(train_cfg.seed)
         model.reset_classifier(len(classes))
         meta.base.kwargs["num_classes"] = len(classes)
         meta.classes = classes
     meta.data = data_ref(data)
-    train_set = load_split(data, "train", meta.preprocessing)
-    if fraction < 1.0:
-        train_set = fraction_subset(train_set, fraction, seed)
-    return MemoryTask(model.train(), meta, train_set, load_split(data, "val", meta.preprocessing))
+    train, plain = (fraction_subset(load_split(data, "train", meta.preprocessing, augment=augment), fraction,
+                                    train_cfg.seed) for augment in (train_cfg.augment, None))
+    return MemoryTask(model.train(), meta, train, plain, load_split(data, "val", meta.preprocessing))
 
 
 def resolve_block(model: VisionTransformer, block: int) -> int:
-    depth = len(model.blocks)
-    if not -depth <= block < depth:
-        raise EdgeVitError(f"--block {block} is out of range for a {depth}-block model")
-    return block % depth
+    try:
+        return block_index(model, block)
+    except IndexError:
+        raise EdgeVitError(f"--block {block} is out of range for a {num_blocks(model)}-block model") from None
 
 
 def train_full_memory(task: MemoryTask, cfg: MemoryConfig, train_cfg: TrainConfig, out: Path,
-                      resume: bool = False) -> MemoryTrainer:
+                      resume: bool = False) -> tuple[MemoryTrainer, TrainResult]:
     """Install an ``S``-slot memory in ``cfg.block``, prefill it, and fine-tune the whole model reading it.
 
-    Returns the trainer (its model reads the full memory; the memory is also in ``out/checkpoint.pt``).
+    Returns the trainer (its model reads the full memory; the memory is also in ``out/checkpoint.pt``) and
+    what the training did.
     """
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         raise EdgeVitError("memory training runs in one process: the memory is written per batch and is not "
@@ -382,11 +362,10 @@ def train_full_memory(task: MemoryTask, cfg: MemoryConfig, train_cfg: TrainConfi
     with torch.no_grad():
         table.gate_logit.fill_(cfg.gate_init)
     trainer = MemoryTrainer(model, block, memory, cfg.momentum, train_cfg.label_smoothing)
-    trainer.prefill(task.train_set)
-    out.mkdir(parents=True, exist_ok=True)
-    fit(trainer, task.train_set, train_cfg, out, loss_fn=lambda m, x, y: trainer.loss(x, y),
-        val_set=task.val_set, eval_model=MemoryTrainer.flushed, resume=resume, description="memory")
-    return trainer.eval()
+    trainer.prefill(task.prefill_set)
+    result = fit(trainer, task.train_set, train_cfg, out, loss_fn=lambda m, x, y: trainer.loss(x, y),
+                 val_set=task.val_set, eval_model=MemoryTrainer.flushed, resume=resume, description="memory")
+    return trainer.eval(), result
 
 
 def learn_table(model: VisionTransformer, block: int, table: MemoryTable, task: MemoryTask, epochs: int,
@@ -394,25 +373,43 @@ def learn_table(model: VisionTransformer, block: int, table: MemoryTable, task: 
     """Learned PAL: fine-tune ``table`` (keys, values, bias, gate) in a copy of ``model`` to reproduce
     ``model``'s (full memory) predictions, backbone frozen. Returns the student with the learned table."""
     distiller = TableDistiller(with_table(model, block, table), model, block)
-    cfg = TrainConfig(**{**asdict(train_cfg), "epochs": epochs, "weight_decay": 0.0, "warmup_epochs": 0.0})
-    out.mkdir(parents=True, exist_ok=True)
+    cfg = replace(train_cfg, epochs=epochs, weight_decay=0.0, warmup_epochs=0.0)
     fit(distiller, task.train_set, cfg, out, loss_fn=lambda m, x, y: distiller.loss(x, y),
         val_set=task.val_set, resume=resume, description="pal")
     return distiller.student.requires_grad_(True).eval()
 
 
-def train_memory(
-        model_dir: str | Path,
-        data: str,
-        out: str | Path,
-        cfg: MemoryConfig | None = None,
-        train_cfg: TrainConfig | None = None,
-        resume: bool = False,
-) -> Path:
-    """Fine-tune the bundle in ``model_dir`` with a MoViT memory on ``data``; write the summarized bundle.
+def summarized(full_model: VisionTransformer, block: int, task: MemoryTask, cfg: MemoryConfig,
+               train_cfg: TrainConfig, out: Path, resume: bool) -> VisionTransformer:
+    """The deployed model: ``full_model`` reading its ``cfg.prototypes``-row PAL table (k-means, then learned
+    for ``cfg.summarize`` ``learned``; the learned table trains in ``out/pal``), or the full memory itself."""
+    full = memory_of(full_model, block)
+    if not 0 < cfg.prototypes < full.slots:
+        return full_model
+    table = summarize_table(full, cfg.prototypes, seed=train_cfg.seed)
+    if cfg.summarize == "learned":
+        return learn_table(full_model, block, table, task, cfg.summarize_epochs, train_cfg, out / "pal", resume)
+    return with_table(full_model, block, table)
+
+
+def memory_metrics(task: MemoryTask, full_model: VisionTransformer, full: MemoryTable, table: MemoryTable,
+                   meta: BundleMeta) -> dict:
+    """The full memory's top-1s and sizes next to the deployed table's."""
+    full_top1 = split_metrics(full_model, meta)
+    return {"train_images": len(task.train_set), FULL_MEMORY_SLOTS: full.slots,
+            "full_memory_val_top1": full_top1["val_top1"], "full_memory_test_top1": full_top1["test_top1"],
+            "table_bytes": table.table_bytes(), "full_memory_bytes": full.table_bytes(),
+            "gate": [round(g, 4) for g in table.gate().flatten().tolist()]}
+
+
+@register("memory", MemoryConfig, own_loss=True, source=Source(
+    "--model", "The bundle to start from (a run directory); its head is replaced if DATA has other classes."))
+def train_memory(source: str | Path, data: str, out: Path, cfg: MemoryConfig, train_cfg: TrainConfig,
+                 resume: bool) -> Path:
+    """Fine-tune the bundle ``source`` with a MoViT memory on ``data``; write the summarized bundle.
 
     Args:
-        model_dir: the starting bundle (its classifier is replaced when ``data`` has other classes).
+        source: the starting bundle (its classifier is replaced when ``data`` has other classes).
         data: ``digits`` or an image folder.
         out: the run directory: the bundle (``P``-row table) plus ``checkpoint.pt`` holding the full memory
             (``pal/checkpoint.pt`` for the learned summarization).
@@ -420,41 +417,16 @@ def train_memory(
         train_cfg: optimisation settings of the memory fine-tune.
         resume: continue a killed run in ``out``.
     """
-    cfg = cfg or MemoryConfig()
-    cfg.check()
-    train_cfg = train_cfg or method_train_config("memory", data)
     out = check_run_dir(out, resume)
-    task = prepare_task(model_dir, data, cfg.data_fraction, train_cfg.seed)
+    task = prepare_task(source, data, cfg.data_fraction, train_cfg)
     block = resolve_block(task.model, cfg.block)
-    trainer = train_full_memory(task, cfg, train_cfg, out, resume)
-    full_model, full = trainer.model, trainer.table
-
-    deployed = full_model
-    if 0 < cfg.prototypes < full.slots:
-        table = summarize_table(full, cfg.prototypes, seed=train_cfg.seed)
-        if cfg.summarize == "learned":
-            deployed = learn_table(full_model, block, table, task, cfg.summarize_epochs, train_cfg, out / "pal",
-                                   resume)
-        else:
-            deployed = with_table(full_model, block, table)
+    trainer, result = train_full_memory(task, cfg, train_cfg, out, resume)
+    deployed = summarized(trainer.model, block, task, cfg, train_cfg, out, resume)
     table = memory_of(deployed, block)
-
-    if not is_main_process():
-        return out
     meta = task.meta
-    meta.surgery = [*meta.surgery, {"op": "memory_table", "block": block, "slots": table.slots,
-                                    "topk": table.topk}]
-    full_metrics = split_metrics(full_model, meta)
-    metrics = {
-        "train_images": len(task.train_set),
-        FULL_MEMORY_SLOTS: full.slots,
-        "full_memory_val_top1": full_metrics["val_top1"],
-        "full_memory_test_top1": full_metrics["test_top1"],
-        "table_bytes": table.table_bytes(),
-        "full_memory_bytes": full.table_bytes(),
-        "gate": [round(g, 4) for g in table.gate().flatten().tolist()],
-    }
-    return finish_run(out, deployed, meta, "memory", cfg, train_cfg, metrics=metrics, base=str(model_dir))
+    meta.surgery = [*meta.surgery, {"op": "memory_table", "block": block, "slots": table.slots, "topk": table.topk}]
+    metrics = memory_metrics(task, trainer.model, trainer.table, table, meta)
+    return finish_run(out, deployed, meta, "memory", cfg, train_cfg, result, metrics, base=str(source))
 
 
 def full_memory_model(run_dir: str | Path) -> VisionTransformer:

@@ -44,7 +44,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal, get_args
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
@@ -53,58 +53,57 @@ from torch.utils.data import Dataset
 
 from edgevit.data import calibration_batch, data_ref, load_split
 from edgevit.errors import EdgeVitError
-from edgevit.train import TrainConfig, fit, is_main_process
-from edgevit.train.run import check_run_dir, finish_run, method_train_config, unseen_classes
-from edgevit.vit import (
-    BundleMeta,
-    EdgeAttention,
-    apply_surgery,
-    attention_blocks,
-    block_inputs,
-    embed_tokens,
-    load_bundle,
-    split_qkv,
-)
+from edgevit.methods.registry import MethodConfig, Source, register
+from edgevit.settings import setting
+from edgevit.train import TrainConfig, fit
+from edgevit.train.run import check_run_dir, finish_run, unseen_classes
+from edgevit.vit import BundleMeta, apply_surgery, attention_blocks, block_inputs, load_bundle
 from edgevit.vit.bundle import BaseArch
+from edgevit.vit.model import num_blocks, patch_area, pooled_tokens, query_key_product
+from edgevit.vit.prompts import prompted_forward, set_prefix_prompts, set_prompt_tokens
 
-VARIANTS = ("vpt", "fwhiten", "twhiten", "bilinear")
 PROMPT_OPS = ("prefix_kv", "prompt_tokens")
-COVARIANCES = ("tokens", "mean")
+Covariance = Literal["tokens", "mean"]
 
 
 @dataclass
-class PromptConfig:
-    """What to prompt and how.
+class PromptConfig(MethodConfig):
+    """Prompt-tune a frozen backbone on a downstream task (BPT) and merge the prompts into the bundle.
 
-    Args:
-        prompts: prompt tokens per prompted layer (m); default 50 deep, 100 shallow (the paper's).
-        deep: one prompt set per attention block (VPT-deep) or one set at the input (shallow).
-        rank: bilinear rank p of ``P = A B^T`` (``bilinear`` only); default ``min(50, d)``.
-        variant: ``vpt``, ``fwhiten``, ``twhiten`` or ``bilinear``.
-        whiten: initialise B from the whitening matrix (``bilinear``: default on; ``vpt`` never whitens,
-            ``fwhiten``/``twhiten`` always do).
-        whiten_images: downstream training images the whitening is estimated from.
-        eps: ridge added to the covariance's eigenvalues, relative to their mean (must be > 0).
-        covariance: ``tokens`` (every token of every whitening image) or ``mean`` (the authors' image-mean
-            ``X_bar``, rank <= N); see :func:`measure_whitening`.
-        trainable_top: deep prompts train B (or W) only in the top this-many prompted blocks, as the
-            authors do (4 of 12); default ``ceil(blocks / 3)``. A is trained everywhere.
+    \b
+    Example (backbone on digits 0-4, prompts on 5-9):
+      edgevit train baseline --data digits --classes 0,1,2,3,4 -o runs/base04
+      edgevit train prompts --model runs/base04 --data digits -o runs/bpt --deep
     """
 
-    prompts: int | None = None
-    deep: bool = True
-    rank: int | None = None
-    variant: str = "bilinear"
-    whiten: bool | None = None
-    whiten_images: int = 100
-    eps: float = 0.1
-    covariance: str = "tokens"
-    trainable_top: int | None = None
+    training: ClassVar[dict] = {"epochs": 20, "lr": 1e-2}
+
+    prompts: int | None = setting(None, "Prompt tokens per prompted layer (default 50 deep, 100 shallow: the "
+                                        "paper's).")
+    deep: bool = setting(True, "Prompts in every block (merged to prefix K/V) or only at the input (kept as "
+                               "tokens).", flag="--deep/--shallow")
+    rank: int | None = setting(None, "Bilinear rank p of P = A B^T (default min(50, width)).")
+    variant: Literal["vpt", "fwhiten", "twhiten", "bilinear"] = setting(
+        "bilinear", "vpt: plain prompts; fwhiten/twhiten: P = A W^T, W frozen/trained; bilinear: BPT.")
+    whiten: bool | None = setting(None, "Initialise B from the ZCA whitening matrix (default: on for "
+                                        "bilinear/fwhiten/twhiten; vpt never whitens).", flag="--whiten/--no-whiten")
+    classes: list[str] | None = setting(None, "Downstream classes (default: DATA's classes the backbone was not "
+                                              "trained on).")
+    whiten_images: int = setting(100, "Training images the whitening uses.")
+    eps: float = setting(0.1, "Whitening ridge, relative to the mean eigenvalue (must be > 0).")
+    covariance: Covariance = setting("tokens", "Whitening statistics over all tokens, or over the image-mean X_bar "
+                                               "(the authors', rank <= N).")
+    trainable_top: int | None = setting(None, "Deep: train B (or W) only in the top K blocks, as the authors do (4 "
+                                              "of 12); default ceil(depth/3). A is trained everywhere.")
+
+    def check(self) -> None:
+        if not (math.isfinite(self.eps) and self.eps > 0):
+            raise EdgeVitError(f"whitening eps must be a positive number, got {self.eps}")
+        if self.whiten_images < 2:
+            raise EdgeVitError(f"whitening needs at least 2 images, got {self.whiten_images}")
 
     def resolved(self, dim: int, layers: int) -> PromptConfig:
         """Defaults filled in for a ViT of width ``dim`` with ``layers`` prompted blocks; validated."""
-        if self.variant not in VARIANTS:
-            raise EdgeVitError(f"unknown prompt variant {self.variant!r} ({', '.join(VARIANTS)})")
         whiten = self.whiten
         if self.variant == "vpt" and whiten:
             raise EdgeVitError("vpt prompts are plain prompts; --whiten needs fwhiten, twhiten or bilinear")
@@ -121,12 +120,6 @@ class PromptConfig:
             raise EdgeVitError(f"--rank must be in 1..{dim} (the width), got {rank}")
         if prompts < 1:
             raise EdgeVitError(f"--prompts must be >= 1, got {prompts}")
-        if not (math.isfinite(self.eps) and self.eps > 0):
-            raise EdgeVitError(f"whitening eps must be a positive number, got {self.eps}")
-        if self.covariance not in COVARIANCES:
-            raise EdgeVitError(f"unknown whitening covariance {self.covariance!r} ({', '.join(COVARIANCES)})")
-        if self.whiten_images < 2:
-            raise EdgeVitError(f"whitening needs at least 2 images, got {self.whiten_images}")
         top = self.trainable_top if self.trainable_top is not None else math.ceil(layers / 3)
         if self.deep and not 0 <= top <= layers:
             raise EdgeVitError(f"trainable_top must be in 0..{layers}, got {top}")
@@ -134,13 +127,6 @@ class PromptConfig:
 
 
 # --------------------------------------------------------------------------------------------- burstiness
-
-
-def bilinear_form(attn: EdgeAttention) -> torch.Tensor:
-    """``W_q W_k^T`` (d x d) with right-multiplied projections, so the logits are ``X (W_q W_k^T) X^T``."""
-    d = attn.qkv.in_features
-    weight = attn.qkv.weight.detach().float()
-    return weight[:d].T @ weight[d:2 * d]
 
 
 def zca(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, dict[str, float]]:
@@ -196,7 +182,7 @@ class Whitening:
 def bursty_products(model: VisionTransformer, images: torch.Tensor, blocks: Sequence[int]) -> list[torch.Tensor]:
     """``X~ = W_q W_k^T X^T`` (``n x d x N``) of each of ``blocks`` for ``images``."""
     inputs = block_inputs(model, images, blocks)
-    return [torch.einsum("ij,nkj->nik", bilinear_form(model.blocks[b].attn), inputs[b]) for b in blocks]
+    return [torch.einsum("ij,nkj->nik", query_key_product(model, b), inputs[b]) for b in blocks]
 
 
 @torch.no_grad()
@@ -213,8 +199,8 @@ def measure_whitening(model: VisionTransformer, images: torch.Tensor, eps: float
         probe: held-out images the statistic is measured on (default ``images``): ``X~`` before and
             ``W X~`` after whitening, all entries pooled.
     """
-    if covariance not in COVARIANCES:
-        raise EdgeVitError(f"unknown whitening covariance {covariance!r} ({', '.join(COVARIANCES)})")
+    if covariance not in get_args(Covariance):
+        raise EdgeVitError(f"unknown whitening covariance {covariance!r} ({', '.join(get_args(Covariance))})")
     blocks = attention_blocks(model)
     if not blocks:
         raise EdgeVitError("the backbone has no attention blocks left to prompt")
@@ -290,47 +276,24 @@ class PromptFactors(nn.Module):
 
 
 class PromptedViT(nn.Module):
-    """A frozen ViT read with prompt tokens appended (the training-time graph).
+    """A frozen ViT read with prompt tokens (the training-time graph, :func:`~edgevit.vit.prompts.prompted_forward`).
 
-    Deep: before each prompted block the previous prompt outputs are replaced by that block's prompts.
-    Shallow: prompts are inserted once, after the prefix tokens and before ``norm_pre`` (as the
-    ``prompt_tokens`` op does). Either way prompt outputs are dropped before the final norm, so pooling
-    only ever sees the class/register and patch tokens.
+    Args:
+        vit: the frozen backbone with its new head.
+        factors: the prompts.
+        deep: one prompt set per block in ``prompted`` (deep) or one at the input (shallow).
+        prompted: the blocks that get deep prompts (those with attention).
     """
 
-    def __init__(self, vit: VisionTransformer, factors: PromptFactors, deep: bool, blocks: Sequence[int]) -> None:
+    def __init__(self, vit: VisionTransformer, factors: PromptFactors, deep: bool, prompted: Sequence[int]) -> None:
         super().__init__()
         self.vit = vit
         self.factors = factors
         self.deep = deep
-        self.blocks = list(blocks)
+        self.prompted = list(prompted)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        vit = self.vit
-        prompts = self.factors().to(images.dtype)
-        n, m, batch = vit.num_prefix_tokens, prompts.shape[1], images.shape[0]
-        x = embed_tokens(vit, images)
-        if not self.deep:
-            x = torch.cat([x[:, :n], prompts[0].expand(batch, -1, -1), x[:, n:]], dim=1)
-        x = vit.norm_pre(x)
-        layer_of = {b: i for i, b in enumerate(self.blocks)} if self.deep else {}
-        carried = 0 if self.deep else m
-        for i, block in enumerate(vit.blocks):
-            if i in layer_of:
-                x = torch.cat([x[:, :n], prompts[layer_of[i]].expand(batch, -1, -1), x[:, n + carried:]], dim=1)
-                carried = m
-            x = block(x)
-        x = torch.cat([x[:, :n], x[:, n + carried:]], dim=1)
-        return vit.forward_head(vit.norm(x))
-
-
-@torch.no_grad()
-def prefix_keys_values(block: nn.Module, prompts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Constant keys/values (``H x m x d_h`` each) that ``prompts`` (``m x d``) contribute to ``block``:
-    ``k_norm(LN1(P) W_k + b_k)`` and ``LN1(P) W_v + b_v``, exactly what the block computes for them."""
-    attn = block.attn
-    _, k, v = split_qkv(attn, attn.qkv(block.norm1(prompts[None])))
-    return attn.k_norm(k)[0], v[0]
+        return prompted_forward(self.vit, images, self.factors(), self.prompted if self.deep else None)
 
 
 @torch.no_grad()
@@ -341,18 +304,15 @@ def merge_prompts(tuner: PromptedViT) -> tuple[VisionTransformer, list[dict[str,
     """
     vit = copy.deepcopy(tuner.vit).eval()
     prompts = tuner.factors().detach().float()
-    m = prompts.shape[1]
+    op: dict[str, Any] = {"op": "prefix_kv" if tuner.deep else "prompt_tokens", "tokens": prompts.shape[1]}
+    if tuner.deep and tuner.prompted != list(range(num_blocks(vit))):
+        op["blocks"] = tuner.prompted
+    apply_surgery(vit, [op])
     if tuner.deep:
-        op: dict[str, Any] = {"op": "prefix_kv", "tokens": m}
-        if tuner.blocks != list(range(len(vit.blocks))):
-            op["blocks"] = tuner.blocks
-        apply_surgery(vit, [op])
-        for layer, b in enumerate(tuner.blocks):
-            vit.blocks[b].attn.set_prefix(*prefix_keys_values(vit.blocks[b], prompts[layer]))
+        for layer, b in enumerate(tuner.prompted):
+            set_prefix_prompts(vit, b, prompts[layer])
     else:
-        op = {"op": "prompt_tokens", "tokens": m}
-        apply_surgery(vit, [op])
-        vit.norm_pre.prompts.copy_(prompts[0][None])
+        set_prompt_tokens(vit, prompts[0])
     for p in vit.parameters():
         p.requires_grad_(False)
     return vit, [op]
@@ -371,7 +331,7 @@ def check_backbone(vit: VisionTransformer, meta: BundleMeta) -> None:
     prompted = [s["op"] for s in meta.surgery if s.get("op") in PROMPT_OPS]
     if prompted:
         raise EdgeVitError(f"the backbone already carries prompts ({', '.join(prompted)}); start from a plain one")
-    if vit.attn_pool is not None or getattr(vit, "pool_include_prefix", False):
+    if pooled_tokens(vit) == slice(None):
         raise EdgeVitError("the backbone's head pools over prefix tokens; prompts would leak into it")
 
 
@@ -389,9 +349,7 @@ def build_tuner(vit: VisionTransformer, num_classes: int, cfg: PromptConfig, whi
     matrices = None
     if whitening is not None:
         matrices = whitening.matrices if cfg.deep else whitening.matrices[:1]
-    patch = vit.patch_embed.proj
-    patch_area = patch.in_channels * math.prod(patch.kernel_size)
-    factors = PromptFactors(cfg, vit.embed_dim, layers, matrices, patch_area)
+    factors = PromptFactors(cfg, vit.embed_dim, layers, matrices, patch_area(vit))
     return PromptedViT(vit, factors, cfg.deep, blocks)
 
 
@@ -418,58 +376,45 @@ def measure_burstiness(model_run: str | Path, data: str, classes: list[str] | No
     return {"run": str(model_run), "data": data, **report}
 
 
-def train_prompts(
-        model_run: str | Path,
-        data: str,
-        out: str | Path,
-        cfg: PromptConfig | None = None,
-        train_cfg: TrainConfig | None = None,
-        classes: list[str] | None = None,
-        resume: bool = False,
-) -> Path:
-    """Prompt-tune a frozen bundle on a downstream task and write the merged bundle to ``out``.
+@register("prompts", PromptConfig, source=Source(
+    "--model", "Backbone bundle (frozen), trained on classes other than the downstream ones."))
+def train_prompts(source: str | Path, data: str, out: Path, cfg: PromptConfig, train_cfg: TrainConfig,
+                  resume: bool) -> Path:
+    """Prompt-tune the frozen bundle ``source`` on a downstream task and write the merged bundle to ``out``.
 
     Args:
-        model_run: the backbone bundle (e.g. a baseline trained on digits 0-4).
+        source: the backbone bundle (e.g. a baseline trained on digits 0-4).
         data: ``digits`` or an image folder.
         out: the run directory (bundle + checkpoint with factors and whitening).
-        cfg: prompt settings.
+        cfg: prompt settings, with the downstream classes (default: those of DATA the backbone was not trained on).
         train_cfg: optimisation settings.
-        classes: downstream classes (default: those of DATA the backbone was not trained on).
         resume: continue a killed run in ``out``.
     """
-    cfg = cfg or PromptConfig()
-    train_cfg = train_cfg or method_train_config("prompts", data)
-    vit, meta = load_bundle(model_run)
+    vit, meta = load_bundle(source)
     check_backbone(vit, meta)
-    classes = downstream_classes(meta, data, classes)
+    classes = downstream_classes(meta, data, cfg.classes)
     cfg = cfg.resolved(vit.embed_dim, len(attention_blocks(vit)) if cfg.deep else 1)
-    out = check_run_dir(out, resume)
+    check_run_dir(out, resume)
     pre = meta.preprocessing
-    train_set = load_split(data, "train", pre, classes)
-    val_set = load_split(data, "val", pre, classes)
-
+    train_set, val_set = (load_split(data, split, pre, classes) for split in ("train", "val"))
     # Whitening is deterministic given the images, so a resumed run recomputes the same matrices (and the
     # checkpoint restores the factors anyway); the report goes into the provenance either way.
     fit_images, probe = whitening_images(train_set, val_set, cfg.whiten_images, train_cfg.seed)
     whitening = measure_whitening(vit, fit_images, cfg.eps, cfg.covariance, probe)
     tuner = build_tuner(vit, len(classes), cfg, whitening if cfg.whiten else None, train_cfg.seed)
-    result = fit(tuner, train_set, train_cfg, out, val_set=val_set, resume=resume,
-                 description=f"prompts {cfg.variant}-{'deep' if cfg.deep else 'shallow'}")
-    if not is_main_process():
-        return out
-
+    description = f"prompts {cfg.variant}-{'deep' if cfg.deep else 'shallow'}"
+    result = fit(tuner, load_split(data, "train", pre, classes, augment=train_cfg.augment), train_cfg, out,
+                 val_set=val_set, resume=resume, description=description)
     tuner.cpu().eval()
     merged, ops = merge_prompts(tuner)
     kwargs = {**meta.base.kwargs, "num_classes": len(classes)}
-    ref = data_ref(data, classes)
     out_meta = BundleMeta(base=BaseArch(name=meta.base.name, kwargs=kwargs), surgery=[*meta.surgery, *ops],
-                          preprocessing=pre, classes=classes, data=ref)
+                          preprocessing=pre, classes=classes, data=data_ref(data, classes))
     with torch.no_grad():
         probe = calibration_batch(val_set, min(64, len(val_set)))
         merge_error = float((tuner(probe) - merged(probe)).abs().max())
     trainable = sum(p.numel() for n, p in tuner.named_parameters() if p.requires_grad and ".head." not in n)
     metrics = {"val_top1_per_epoch": [round(h["val_top1"], 5) for h in result.history],
                "merge_max_abs_diff": merge_error}
-    return finish_run(out, merged, out_meta, "prompts", cfg, train_cfg, result, metrics, backbone=str(model_run),
+    return finish_run(out, merged, out_meta, "prompts", cfg, train_cfg, result, metrics, backbone=str(source),
                       backbone_classes=meta.classes, prompt_params=trainable, burstiness=whitening.report)

@@ -34,6 +34,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import ClassVar, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -43,15 +44,22 @@ from torch.utils.data import Dataset
 
 from edgevit.data import calibration_batch, data_ref, load_split
 from edgevit.errors import EdgeVitError
-from edgevit.train import TrainConfig, fit, is_main_process
+from edgevit.methods.registry import MethodConfig, Source, bundle_report, register
+from edgevit.settings import setting
+from edgevit.train import TrainConfig, TrainResult, fit, is_main_process
 from edgevit.train.loop import LossFn
-from edgevit.train.run import check_run_dir, finish_run, method_train_config, split_metrics
+from edgevit.train.run import check_run_dir, finish_run, split_metrics
 from edgevit.vit import BundleMeta, apply_surgery, attention_blocks, load_bundle
 from edgevit.vit.bundle import atomic_write_json
+from edgevit.vit.model import capture_attention_branches, num_blocks, pooled_tokens
 
 log = logging.getLogger("edgevit")
 
-SELECTIONS = ("cosine", "cosine-pooled", "last", "random")
+Strategy = Literal["cosine", "cosine-pooled", "last", "random"]
+SELECTIONS: tuple[str, ...] = get_args(Strategy)
+# cosine-pooled, not the papers' all-token cosine: on ViTs the first block's attention barely moves the patch
+# tokens yet is what fills the class token the head reads (see the module docstring).
+DEFAULT_SELECT = "cosine-pooled"
 # Which similarity score each score-based selection ranks by.
 SCORED = {"cosine": "all", "cosine-pooled": "pooled"}
 DEFAULT_RATIO = 1 / 3
@@ -59,33 +67,38 @@ SELECTION_FILE = "selection.json"
 
 
 @dataclass
-class SkipConfig:
-    """Settings of ``edgevit train skip``.
+class SkipConfig(MethodConfig):
+    """Remove attention sub-layers (LayerNorm, qkv, proj, LayerScale) from a bundle, then heal it (the
+    optimisation settings are the healing fine-tune's; --heal-epochs 0: remove only).
 
-    Args:
-        select: ``cosine`` (least-change sub-layers), ``cosine-pooled`` (the same on the pooled tokens),
-            ``last`` (deepest, final block kept) or ``random``.
-        ratio: fraction of the model's attention sub-layers to remove (rounded to whole blocks); default
-            1/3 when ``blocks`` is not given either.
-        blocks: remove exactly these blocks instead of selecting (``select`` is then ignored).
-        calib: class-balanced training images the cosine scores are measured on.
-        distill: healing loss ``(1 - distill) * CE + distill * KL(unpruned || pruned)`` on class
-            distributions (0: plain cross-entropy).
+    \b
+    Examples:
+      edgevit train skip --model runs/base --data digits -o runs/skip --ratio 1/3 --select cosine-pooled
+      edgevit train skip --model runs/base --data digits -o runs/skip-sweep --sweep --heal-epochs 3
+      edgevit report runs/skip-sweep/sweep.jsonl -o report/skip
     """
 
-    # cosine-pooled, not the papers' all-token cosine: on ViTs the first block's attention barely moves the
-    # patch tokens yet is what fills the class token the head reads (see the module docstring).
-    select: str = "cosine-pooled"
-    ratio: float | None = None
-    blocks: list[int] | None = None
-    calib: int = 64
-    distill: float = 0.5
+    training: ClassVar[dict] = {"epochs": 5, "lr": 2e-4, "warmup_epochs": 0.5}  # the healing fine-tune
+    flags: ClassVar[dict] = {"epochs": "--heal-epochs"}
+
+    select: Strategy | None = setting(None, "cosine: least-change sub-layers on calibration images (mean over all "
+                                            "tokens); cosine-pooled: the same over the tokens the head pools (class "
+                                            "token); last: deepest, final block kept; random: seeded control. "
+                                            "Default cosine-pooled; with --sweep, limits the sweep to one strategy.")
+    ratio: float | None = setting(None, "Fraction of attention sub-layers to remove, e.g. 1/3 (default 1/3).")
+    blocks: list[int] | None = setting(None, "Remove exactly these blocks' attention, e.g. 3,7 (instead of "
+                                             "--ratio/--select).")
+    calib: int = setting(64, "Class-balanced training images the cosine scores are measured on.")
+    distill: float = setting(0.5, "Healing loss: (1 - W) * cross-entropy + W * KL(unpruned model || pruned model).")
+    sweep: bool = setting(False, "Ratios 0, 1/6, 1/3, 1/2 x every strategy, before/after healing, with ORT CPU "
+                                 "latency: result rows in OUT/sweep.jsonl.")
+    threads: int = setting(2, "--sweep: ORT CPU threads for latency.")
 
     def check(self) -> None:
-        if self.select not in SELECTIONS:
-            raise EdgeVitError(f"unknown selection {self.select!r} ({', '.join(SELECTIONS)})")
         if self.ratio is not None and self.blocks is not None:
             raise EdgeVitError("give either --ratio or --blocks, not both")
+        if self.sweep and (self.ratio is not None or self.blocks is not None):
+            raise EdgeVitError("--sweep runs its own ratios; drop --ratio/--blocks")
         if self.ratio is not None and not 0 <= self.ratio < 1:
             raise EdgeVitError(f"--ratio must be in [0, 1), got {self.ratio}")
         if self.calib < 1:
@@ -93,15 +106,10 @@ class SkipConfig:
         if not 0 <= self.distill <= 1:
             raise EdgeVitError(f"--distill must be in [0, 1], got {self.distill}")
 
-
-def pooled_tokens(model: VisionTransformer) -> slice:
-    """The token positions the classifier reads: the class token under ``global_pool='token'``, the
-    patch tokens under average/max pooling, every token otherwise (attention pooling)."""
-    if model.global_pool == "token":
-        return slice(0, 1)
-    if model.global_pool in ("avg", "max", "avgmax"):
-        return slice(model.num_prefix_tokens, None)
-    return slice(None)
+    @property
+    def strategy(self) -> str:
+        """How the blocks are chosen: ``select``, or cosine-pooled when not given."""
+        return self.select or DEFAULT_SELECT
 
 
 Scores = dict[str, dict[int, float]]
@@ -125,33 +133,19 @@ def attention_similarity(model: VisionTransformer, images: torch.Tensor, batch_s
     pooled = pooled_tokens(model)
     sums = {mode: dict.fromkeys(blocks, 0.0) for mode in ("all", "pooled")}
     counts = {mode: dict.fromkeys(blocks, 0) for mode in ("all", "pooled")}
-    inputs: dict[int, torch.Tensor] = {}
-
-    def save_input(b: int, x: torch.Tensor) -> None:
-        inputs[b] = x.float()
-
-    def add_score(b: int, branch: torch.Tensor) -> None:
-        x = inputs.pop(b)
-        cos = F.cosine_similarity(x, x + branch.float(), dim=-1)  # images x tokens
-        for mode, part in (("all", cos), ("pooled", cos[:, pooled])):
-            sums[mode][b] += part.sum().item()
-            counts[mode][b] += part.numel()
-
-    handles = []
-    for b in blocks:
-        block = model.blocks[b]
-        handles.append(block.register_forward_pre_hook(lambda m, args, b=b: save_input(b, args[0])))
-        # ls1 ends the attention branch (an Identity without LayerScale, whose hooks fire all the same).
-        handles.append(block.ls1.register_forward_hook(lambda m, args, out, b=b: add_score(b, out)))
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     try:
-        for batch in images.split(batch_size):
-            model(batch.to(device))
+        with capture_attention_branches(model, blocks) as captured:
+            for batch in images.split(batch_size):
+                model(batch.to(device))
+                for b, (x, branch) in captured.items():
+                    cos = F.cosine_similarity(x, x + branch, dim=-1)  # images x tokens
+                    for mode, part in (("all", cos), ("pooled", cos[:, pooled])):
+                        sums[mode][b] += part.sum().item()
+                        counts[mode][b] += part.numel()
     finally:
-        for handle in handles:
-            handle.remove()
         model.train(was_training)
     return {mode: {b: sums[mode][b] / max(1, counts[mode][b]) for b in blocks} for mode in sums}
 
@@ -166,7 +160,7 @@ def candidate_blocks(model: VisionTransformer, select: str) -> list[int]:
     block under ``last``."""
     candidates = attention_blocks(model)
     if select == "last":
-        candidates = [b for b in candidates if b != len(model.blocks) - 1]
+        candidates = [b for b in candidates if b != num_blocks(model) - 1]
     return candidates
 
 
@@ -202,7 +196,7 @@ def select_blocks(model: VisionTransformer, select: str, k: int, scores: Scores 
 
 def check_blocks(model: VisionTransformer, blocks: Sequence[int]) -> list[int]:
     """``blocks`` as ascending non-negative indices of blocks that still have attention."""
-    depth = len(model.blocks)
+    depth = num_blocks(model)
     out = []
     for b in blocks:
         if not -depth <= b < depth:
@@ -245,7 +239,7 @@ def choose(model: VisionTransformer, cfg: SkipConfig, train_set: Dataset, seed: 
         return Selection("manual", check_blocks(model, cfg.blocks), scores, calibration)
     ratio = DEFAULT_RATIO if cfg.ratio is None else cfg.ratio
     k = count_to_drop(ratio, len(attention_blocks(model)))
-    return Selection(cfg.select, select_blocks(model, cfg.select, k, scores, seed), scores, calibration)
+    return Selection(cfg.strategy, select_blocks(model, cfg.strategy, k, scores, seed), scores, calibration)
 
 
 def _load_selection(path: Path) -> Selection:
@@ -287,62 +281,81 @@ def prepare_skip(model_dir: str | Path, data: str) -> tuple[VisionTransformer, B
     return model, meta
 
 
-def train_skip(
-        model_dir: str | Path,
-        data: str,
-        out: str | Path,
-        cfg: SkipConfig | None = None,
-        train_cfg: TrainConfig | None = None,
-        resume: bool = False,
-) -> Path:
-    """Remove attention sub-layers from the bundle in ``model_dir``, heal, and write a bundle to ``out``.
+def chosen_blocks(model: VisionTransformer, cfg: SkipConfig, train_set: Dataset, out: Path, resume: bool,
+                  seed: int) -> Selection:
+    """The blocks to remove: those a resumed run recorded in ``out``, else :func:`choose`'s, recorded there."""
+    path = out / SELECTION_FILE
+    if resume and path.exists():
+        return _load_selection(path)
+    chosen = choose(model, cfg, train_set, seed)
+    if is_main_process():
+        atomic_write_json(path, asdict(chosen))
+    return chosen
+
+
+def heal(model: VisionTransformer, teacher: VisionTransformer | None, meta: BundleMeta, data: str, out: Path,
+         cfg: SkipConfig, train_cfg: TrainConfig, resume: bool) -> TrainResult:
+    """The healing fine-tune of every remaining weight, partly distilled from the unpruned ``teacher``."""
+    pre, classes = meta.preprocessing, meta.classes
+    loss_fn = heal_loss(teacher, cfg.distill, train_cfg.label_smoothing) if teacher else None
+    return fit(model, load_split(data, "train", pre, classes, augment=train_cfg.augment), train_cfg, out,
+               loss_fn=loss_fn, val_set=load_split(data, "val", pre, classes), resume=resume, description="skip heal")
+
+
+def skip_report(out: Path, cfg: SkipConfig) -> tuple[dict, str]:
+    """The bundle's top-1s, or a sweep's rows."""
+    if not cfg.sweep:
+        return bundle_report(out, cfg)
+    from edgevit.bench.schema import read_rows
+    from edgevit.studies.skip_sweep import SWEEP_FILE
+
+    rows = read_rows(out / SWEEP_FILE)
+    text = "\n".join(f"{r.label:28s} top-1 {r.top1:.4f}  p50 {r.latency_ms.p50:8.3f} ms  blocks "
+                     f"{r.settings['blocks']}" for r in rows) + f"\nwrote {out / SWEEP_FILE}"
+    return {"results": str(out / SWEEP_FILE), "rows": [r.model_dump(exclude_none=True) for r in rows]}, text
+
+
+@register("skip", SkipConfig, own_loss=True, report=skip_report,
+          source=Source("--model", "The bundle to prune (a run directory)."))
+def train_skip(source: str | Path, data: str, out: Path, cfg: SkipConfig, train_cfg: TrainConfig,
+               resume: bool) -> Path:
+    """Remove attention sub-layers from the bundle ``source``, heal, and write a bundle to ``out`` (or, with
+    ``cfg.sweep``, the sweep's rows: :func:`edgevit.studies.skip_sweep.sweep_skip`).
 
     Args:
-        model_dir: the bundle to prune (a run directory).
+        source: the bundle to prune (a run directory).
         data: ``digits`` or an image folder holding the bundle's classes (calibration, healing, metrics).
         out: the run directory to write.
         cfg: what to remove.
         train_cfg: the healing fine-tune; ``epochs=0`` removes without healing.
         resume: continue a killed run in ``out`` (the recorded selection is reused).
     """
-    cfg = cfg or SkipConfig()
-    cfg.check()
-    train_cfg = train_cfg or method_train_config("skip", data)
+    if cfg.sweep:
+        from edgevit.studies.skip_sweep import sweep_skip  # it exports and profiles: imported for a sweep only
+
+        sweep_skip(source, data, out, train_cfg, selects=[cfg.select] if cfg.select else SELECTIONS, calib=cfg.calib,
+                   distill=cfg.distill, threads=cfg.threads, resume=resume)
+        return out
     # A run killed during its first healing epoch has a selection but no checkpoint yet: still resumable.
-    selected = resume and (Path(out) / SELECTION_FILE).exists()
-    out = Path(out) if selected else check_run_dir(out, resume)
-    model, meta = prepare_skip(model_dir, data)
+    if not (resume and (out / SELECTION_FILE).exists()):
+        check_run_dir(out, resume)
+    model, meta = prepare_skip(source, data)
     base_test = meta.metrics.get("test_top1")
-    train_set = load_split(data, "train", meta.preprocessing, meta.classes)
-
-    selection_path = out / SELECTION_FILE
-    if selected:
-        selection = _load_selection(selection_path)
-    else:
-        selection = choose(model, cfg, train_set, train_cfg.seed)
-        if is_main_process():
-            atomic_write_json(selection_path, asdict(selection))
+    chosen = chosen_blocks(model, cfg, load_split(data, "train", meta.preprocessing, meta.classes), out, resume,
+                           train_cfg.seed)
     teacher = copy.deepcopy(model) if cfg.distill > 0 and train_cfg.epochs > 0 else None
-    apply_surgery(model, skip_op(selection.blocks))
-    meta.surgery = [*meta.surgery, *skip_op(selection.blocks)]
+    apply_surgery(model, skip_op(chosen.blocks))
+    meta.surgery = [*meta.surgery, *skip_op(chosen.blocks)]
     if is_main_process():
-        log.info("skip: removing the attention of blocks %s (%s)", selection.blocks, selection.select)
-    before = split_metrics(model, meta) if is_main_process() else {}
-
-    result = None
-    if train_cfg.epochs > 0:
-        val_set = load_split(data, "val", meta.preprocessing, meta.classes)
-        loss_fn = heal_loss(teacher, cfg.distill, train_cfg.label_smoothing) if teacher else None
-        result = fit(model, train_set, train_cfg, out, loss_fn=loss_fn, val_set=val_set, resume=resume,
-                     description="skip heal")
-    if is_main_process():
-        metrics = {"before_heal": {k: v for k, v in before.items() if k != "how"}, "base_test_top1": base_test,
-                   "removed_blocks": selection.blocks, "heal_epochs": train_cfg.epochs}
-        # blocks = the ones removed, so export.json's settings say what the graph lacks.
-        resolved = replace(cfg, select=selection.select, blocks=selection.blocks)
-        finish_run(out, model, meta, "skip", resolved, train_cfg, result, metrics,
-                   top1=None if result else before, base=str(model_dir),
-                   removed_blocks=selection.blocks, attention_similarity=_rounded(selection.scores["all"]),
-                   attention_similarity_pooled=_rounded(selection.scores["pooled"]),
-                   calibration=selection.calibration)
-    return out
+        log.info("skip: removing the attention of blocks %s (%s)", chosen.blocks, chosen.select)
+    before = split_metrics(model, meta)
+    result = heal(model, teacher, meta, data, out, cfg, train_cfg, resume) if train_cfg.epochs > 0 else None
+    metrics = {"before_heal": {k: v for k, v in before.items() if k != "how"}, "base_test_top1": base_test,
+               "removed_blocks": chosen.blocks, "heal_epochs": train_cfg.epochs}
+    # The settings that rebuild this very graph: blocks = the ones removed, so export.json's settings say what
+    # the graph lacks (select: the strategy that chose them, none when they were given).
+    resolved = replace(cfg, select=None if cfg.blocks is not None else cfg.strategy, ratio=None, blocks=chosen.blocks)
+    return finish_run(out, model, meta, "skip", resolved, train_cfg, result, metrics, top1=None if result else before,
+                      base=str(source), removed_blocks=chosen.blocks,
+                      attention_similarity=_rounded(chosen.scores["all"]),
+                      attention_similarity_pooled=_rounded(chosen.scores["pooled"]), calibration=chosen.calibration)

@@ -43,9 +43,9 @@ teacher). :func:`load_transfer` rebuilds the runnable teacher + student model fr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -54,9 +54,12 @@ from torch import nn
 
 from edgevit.data import classifier_classes, data_ref, fraction_subset, load_ref, load_split
 from edgevit.errors import EdgeVitError
-from edgevit.train import TrainConfig, evaluate, fit, is_main_process
+from edgevit.methods.baseline import Architecture
+from edgevit.methods.registry import Source, bundle_report, register
+from edgevit.settings import setting
+from edgevit.train import TrainConfig, evaluate, fit
 from edgevit.train.loop import CHECKPOINT, load_checkpoint
-from edgevit.train.run import check_run_dir, finish_run, method_train_config, split_metrics
+from edgevit.train.run import check_run_dir, finish_run, split_metrics
 from edgevit.vit import (
     BundleMeta,
     attention,
@@ -67,35 +70,40 @@ from edgevit.vit import (
     read_meta,
 )
 from edgevit.vit.bundle import BaseArch
+from edgevit.vit.model import input_size, num_blocks, num_tokens
 
-MODES = ("distill", "copy")
-HEAD_MAPS = ("average", "learned")
 UNTRANSFERRED_TOP = 3  # the authors' end_layer=-3: the last layers learn their own attention
 
 
 @dataclass
-class TransferConfig:
-    """Settings of ``edgevit train transfer``.
+class TransferConfig(Architecture):
+    """Train a student from scratch that inherits a frozen teacher's attention patterns (Li et al. 2024).
 
-    Args:
-        mode: ``distill`` (student runs alone, deployable) or ``copy`` (needs the teacher at inference).
-        layers: number of transferred student layers, counted from the first; ``None`` = depth - 3.
-        weight: weight of the attention loss (distill).
-        head_map: ``average`` (group-mean of probabilities) or ``learned`` (1x1 head mixing of logits).
-        data_fraction: class-stratified fraction of the training split (low-data regimes).
+    \b
+    Example (a student half as wide and two blocks shallower than its teacher):
+      edgevit train baseline --data digits -o runs/base
+      edgevit train transfer --teacher runs/base --data digits -o runs/student --embed-dim 48 --depth 4
+    \b
+    The paper's setting (a teacher pre-trained elsewhere, a small downstream task):
+      edgevit train baseline --data digits --classes 0,1,2,3,4 -o runs/base04
+      edgevit train transfer --teacher runs/base04 --data digits --classes 5,6,7,8,9 --data-fraction 0.03 \\
+        -o runs/student59 --embed-dim 32 --depth 4 --heads 2
     """
 
-    mode: str = "distill"
-    layers: int | None = None
-    weight: float = 3.0
-    head_map: str = "average"
-    data_fraction: float = 1.0
+    model: str | None = setting(None, "Student timm ViT architecture (default: the teacher's); --depth maps "
+                                      "student layer i to teacher layer round((i+1)*L_T/L_S)-1.")
+    mode: Literal["distill", "copy"] = setting("distill", "distill: the student learns the maps and runs alone; copy: "
+                                                          "it attends with the teacher's maps (needs the teacher at "
+                                                          "inference: not deployable).")
+    layers: int | None = setting(None, "Transferred student layers, from the first (default: depth - 3).")
+    weight: float = setting(3.0, "Attention-distillation loss weight.")
+    head_map: Literal["average", "learned"] = setting("average", "Fewer student heads: average teacher head groups' "
+                                                                 "probabilities, or learn a 1x1 head mixing of logits.")
+    data_fraction: float = setting(1.0, "Class-stratified fraction of the training split (low-data regimes).")
+    classes: list[str] | None = setting(None, "Comma-separated subset of the data's classes for the student "
+                                              "(default: all).")
 
     def check(self) -> None:
-        if self.mode not in MODES:
-            raise EdgeVitError(f"unknown transfer mode {self.mode!r} ({', '.join(MODES)})")
-        if self.head_map not in HEAD_MAPS:
-            raise EdgeVitError(f"unknown head map {self.head_map!r} ({', '.join(HEAD_MAPS)})")
         if self.weight < 0:
             raise EdgeVitError(f"--weight must be >= 0, got {self.weight}")
 
@@ -169,10 +177,9 @@ class TransferStudent(nn.Module):
 
     def __init__(self, student: VisionTransformer, teacher: VisionTransformer, cfg: TransferConfig) -> None:
         super().__init__()
-        cfg.check()
         self.student, self.teacher, self.mode = student, teacher.eval(), cfg.mode
         self.teacher.requires_grad_(False)
-        self.pairs = list(enumerate(layer_map(len(teacher.blocks), len(student.blocks), cfg.layers)))
+        self.pairs = list(enumerate(layer_map(num_blocks(teacher), num_blocks(student), cfg.layers)))
         try:
             heads_t = {attention(teacher, t).num_heads for _, t in self.pairs}
             heads_s = {attention(student, s).num_heads for s, _ in self.pairs}
@@ -187,9 +194,8 @@ class TransferStudent(nn.Module):
             # distill: student logits -> teacher heads; copy: teacher logits -> student heads (see module doc)
             init = (groups.T > 0).float() if cfg.mode == "distill" else groups
             self.mixers = nn.ModuleList(HeadMixer(init / init.sum(1, keepdim=True)) for _ in self.pairs)
-        self.teacher_size = teacher.patch_embed.img_size
-        self.tokens = student.patch_embed.num_patches + student.num_prefix_tokens
-        teacher_tokens = teacher.patch_embed.num_patches + teacher.num_prefix_tokens
+        self.teacher_size = input_size(teacher)
+        self.tokens, teacher_tokens = num_tokens(student), num_tokens(teacher)
         if teacher_tokens != self.tokens:
             raise EdgeVitError(f"the student has {self.tokens} tokens and the teacher {teacher_tokens}: attention "
                                "maps transfer only between equal patch grids (match --img-size/--patch-size)")
@@ -264,51 +270,55 @@ def transfer_loss(weight: float, label_smoothing: float):
     return loss_fn
 
 
-def student_arch(teacher: BundleMeta, model_name: str | None, img_size: int | None,
-                 arch: dict[str, Any] | None, num_classes: int) -> tuple[str, dict[str, Any]]:
-    """The student's timm name and kwargs: the teacher's architecture (or ``model_name``'s own defaults)
-    with the teacher's channels, ``img_size`` (default the teacher's) and the ``arch`` overrides."""
-    kwargs = dict(teacher.base.kwargs) if model_name in (None, teacher.base.name) else {}
-    kwargs.update(img_size=img_size or teacher.preprocessing.size, in_chans=teacher.preprocessing.channels,
-                  num_classes=num_classes, **(arch or {}))
+def student_arch(teacher: BundleMeta, cfg: TransferConfig, num_classes: int) -> tuple[str, dict[str, Any]]:
+    """The student's timm name and kwargs: the teacher's architecture (or ``cfg.model``'s own defaults) with the
+    teacher's channels, ``cfg.img_size`` (default the teacher's) and ``cfg``'s architecture overrides."""
+    kwargs = dict(teacher.base.kwargs) if cfg.model in (None, teacher.base.name) else {}
+    kwargs.update(img_size=cfg.img_size or teacher.preprocessing.size, in_chans=teacher.preprocessing.channels,
+                  num_classes=num_classes, **cfg.arch())
     dim, heads = kwargs.get("embed_dim"), kwargs.get("num_heads")
     if dim is not None and heads is not None and dim % heads:
         raise EdgeVitError(f"student width {dim} is not divisible by its {heads} heads")
-    return model_name or teacher.base.name, kwargs
+    return cfg.model or teacher.base.name, kwargs
 
 
-def train_transfer(
-        teacher_dir: str | Path,
-        data: str,
-        out: str | Path,
-        cfg: TransferConfig | None = None,
-        model_name: str | None = None,
-        img_size: int | None = None,
-        arch: dict[str, Any] | None = None,
-        classes: list[str] | None = None,
-        train_cfg: TrainConfig | None = None,
-        resume: bool = False,
-) -> Path:
-    """Train a student on ``data`` with a frozen teacher's attention and write its bundle to ``out``.
+def copy_metrics(model: TransferStudent, meta: BundleMeta, teacher_dir: Path) -> tuple[dict, dict, dict]:
+    """What a copy student is measured and recorded as: (split top-1s of student + teacher together, the
+    student alone, the provenance that marks the bundle not deployable)."""
+    alone = evaluate(model.student, load_ref(meta.data, "test", meta.preprocessing))
+    metrics = {"how": "top-1 of the student with the teacher's attention injected (the teacher runs too), torch "
+                      "fp32, eval mode, on the bundle's data splits", "student_alone_test_top1": round(alone, 5)}
+    deploy = {"deployable": False, "needs_teacher": str(teacher_dir.resolve()),
+              "not_deployable_reason": "attention copy: the student attends with the teacher's maps, so the teacher "
+                                       "must run at inference (see edgevit.methods.transfer)"}
+    return split_metrics(model, meta), metrics, deploy
+
+
+def transfer_report(out: Path, cfg: TransferConfig) -> tuple[dict, str]:
+    result, text = bundle_report(out, cfg)
+    if cfg.mode == "copy":
+        text += "\nnote: attention copy needs the teacher at inference; the bundle is marked not deployable"
+    return result, text
+
+
+@register("transfer", TransferConfig, own_loss=True, report=transfer_report, source=Source(
+    "--teacher", "Teacher bundle (frozen); only its attention maps are used, so its classes may differ."))
+def train_transfer(source: str | Path, data: str, out: Path, cfg: TransferConfig, train_cfg: TrainConfig,
+                   resume: bool) -> Path:
+    """Train a student on ``data`` with the frozen teacher ``source``'s attention and write its bundle to ``out``.
 
     Args:
-        teacher_dir: the teacher bundle (its classes may differ from ``data``'s: only its attention is used).
+        source: the teacher bundle (its classes may differ from ``data``'s: only its attention is used).
         data: ``digits`` or an image folder.
         out: the run directory (student bundle + training checkpoint holding the teacher and mixers).
-        cfg: transfer settings.
-        model_name: the student's timm architecture (default: the teacher's).
-        img_size: the student's input side (default: the teacher's); the patch grid must match the teacher's.
-        arch: student architecture overrides (patch_size, embed_dim, depth, num_heads).
-        classes: the subset of ``data``'s classes the student learns (default: all).
+        cfg: transfer settings and the student's architecture (default: the teacher's; same patch grid).
         train_cfg: optimisation settings.
         resume: continue a killed run in ``out``.
     """
-    cfg = cfg or TransferConfig()
-    cfg.check()
-    train_cfg = train_cfg or method_train_config("transfer", data)
-    teacher, teacher_meta = load_bundle(teacher_dir)
-    classes = classifier_classes(data, classes)
-    name, kwargs = student_arch(teacher_meta, model_name, img_size, arch, len(classes))
+    out = check_run_dir(out, resume)
+    teacher, teacher_meta = load_bundle(source)
+    classes = classifier_classes(data, cfg.classes)
+    name, kwargs = student_arch(teacher_meta, cfg, len(classes))
     # Teacher and student read the same batch: the student keeps the teacher's normalisation, interpolation and
     # crop (a pretrained teacher's own), at its own input side.
     pre = teacher_meta.preprocessing.model_copy(update={"size": kwargs["img_size"]})
@@ -316,34 +326,19 @@ def train_transfer(
     model = TransferStudent(create_vit(name, **kwargs), teacher, cfg)
     meta = BundleMeta(base=BaseArch(name=name, kwargs=kwargs), preprocessing=pre, classes=classes,
                       data=data_ref(data, classes))
-    train_set = load_split(data, "train", pre, classes)
-    if cfg.data_fraction < 1.0:
-        train_set = fraction_subset(train_set, cfg.data_fraction, train_cfg.seed)
-    val_set = load_split(data, "val", pre, classes)
+    train_set = fraction_subset(load_split(data, "train", pre, classes, augment=train_cfg.augment),
+                                cfg.data_fraction, train_cfg.seed)
     with torch.no_grad():  # fail early, with a clear line, on maps that do not fit
         model(train_set[0][0][None], attention_loss=True)
-    out = check_run_dir(out, resume)
-    loss_fn = transfer_loss(cfg.weight, train_cfg.label_smoothing)
-    result = fit(model, train_set, train_cfg, out, loss_fn=loss_fn, val_set=val_set, resume=resume,
-                 description=f"transfer-{cfg.mode}")
-    if is_main_process():
-        model.eval()
-        deploy: dict[str, Any] = {"deployable": True}
-        metrics: dict[str, Any] = {"train_images": len(train_set)}
-        top1 = None
-        if cfg.mode == "copy":
-            alone = evaluate(model.student, load_ref(meta.data, "test", pre))
-            top1 = split_metrics(model, meta)  # what copy mode measures: student + teacher together
-            metrics.update(how="top-1 of the student with the teacher's attention injected (the teacher runs too), "
-                               "torch fp32, eval mode, on the bundle's data splits",
-                           student_alone_test_top1=round(alone, 5))
-            deploy = {"deployable": False, "needs_teacher": str(Path(teacher_dir).resolve()),
-                      "not_deployable_reason": "attention copy: the student attends with the teacher's maps, so "
-                                               "the teacher must run at inference (see edgevit.methods.transfer)"}
-        finish_run(out, model.student, meta, "transfer", cfg, train_cfg, result, metrics, top1,
-                   teacher=str(Path(teacher_dir).resolve()), layer_map=[[s, t] for s, t in model.pairs],
-                   head_groups=model.groups.tolist(), **deploy)
-    return out
+    result = fit(model, train_set, train_cfg, out, loss_fn=transfer_loss(cfg.weight, train_cfg.label_smoothing),
+                 val_set=load_split(data, "val", pre, classes), resume=resume, description=f"transfer-{cfg.mode}")
+    model.eval()
+    top1, metrics, deploy = (copy_metrics(model, meta, Path(source)) if cfg.mode == "copy"
+                             else (None, {}, {"deployable": True}))
+    return finish_run(out, model.student, meta, "transfer", cfg, train_cfg, result,
+                      {"train_images": len(train_set), **metrics}, top1, teacher=str(Path(source).resolve()),
+                      layer_map=[[s, t] for s, t in model.pairs], head_groups=model.groups.tolist(),
+                      **deploy)
 
 
 def load_transfer(run: str | Path) -> TransferStudent:
@@ -354,8 +349,9 @@ def load_transfer(run: str | Path) -> TransferStudent:
         raise EdgeVitError(f"{run} is not an attention-transfer run")
     student, _ = load_bundle(run)
     teacher, _ = load_bundle(meta.provenance["teacher"])
-    config = {k: v for k, v in meta.provenance["config"].items() if k != "train"}
-    model = TransferStudent(student, teacher, TransferConfig(**config))
+    config = meta.provenance["config"]
+    model = TransferStudent(student, teacher, TransferConfig(**{f.name: config[f.name] for f in fields(TransferConfig)
+                                                                if f.name in config}))
     ckpt = Path(run) / CHECKPOINT
     if model.mixers is not None:
         if not ckpt.exists():

@@ -21,6 +21,8 @@ from dataclasses import replace
 from fractions import Fraction
 from pathlib import Path
 
+from timm.models.vision_transformer import VisionTransformer
+
 from edgevit.bench.latency import TimingConfig
 from edgevit.bench.profile import ProfileConfig, profile_artifacts
 from edgevit.bench.schema import ResultRow, append_rows, read_rows
@@ -99,42 +101,52 @@ def sweep_skip(
     Returns:
         The path of ``sweep.jsonl``.
     """
-    for select in selects:
-        SkipConfig(select=select, calib=calib, distill=distill).check()
+    for select in selects:  # refuse a bad strategy, calibration or weight before anything runs
+        SkipConfig(select=select, calib=calib, distill=distill)
     model, _ = prepare_skip(model_dir, data)  # the bundle loads and ``data`` holds its classes
     started = resume and (Path(out) / SWEEP_FILE).exists()
     out = Path(out) if started else check_run_dir(out, resume)
     results = out / SWEEP_FILE
     done = {r.label for r in read_rows(results)} if started else set()
+    profiling = ProfileConfig("ort", (1,), threads=threads, timing=timing)
+    for select, k, total in _configurations(model, ratios, selects):
+        # ratio 0 selects nothing whatever the strategy; "none" only names that control.
+        cfg = SkipConfig(select="cosine" if select == "none" else select, ratio=k / total, calib=calib,
+                         distill=distill)
+        for healed in (False, True) if train_cfg.epochs > 0 else (False,):
+            if row_label(select, k, total, healed) not in done:
+                append_rows(results, [_row(model_dir, data, out, cfg, train_cfg, (select, k, total, healed), profile,
+                                           profiling, resume)])
+    return results
+
+
+def _configurations(model: VisionTransformer, ratios: Sequence[float],
+                    selects: Sequence[str]) -> list[tuple[str, int, int]]:
+    """(strategy, sub-layers removed, of) for each ratio and strategy that ``model`` has enough candidate blocks
+    for: ``none`` for ratio 0 (the fine-tuning control), then every strategy per nonzero count."""
     total = len(attention_blocks(model))
     counts = sorted({count_to_drop(r, total) for r in ratios})
     groups = ([("none", 0)] if 0 in counts else []) + [(s, k) for k in counts if k > 0 for s in selects]
-    phases = (False, True) if train_cfg.epochs > 0 else (False,)
-    profiling = ProfileConfig("ort", (1,), threads=threads, timing=timing)
-
     for select, k in groups:
         if k > len(candidate_blocks(model, select)):
             log.warning("sweep: skipping %s: only %d candidate blocks", row_label(select, k, total, False),
                         len(candidate_blocks(model, select)))
-            continue
-        # ratio 0 selects nothing whatever the strategy; "none" only names that control.
-        cfg = SkipConfig(select="cosine" if select == "none" else select, ratio=k / total, calib=calib,
-                         distill=distill)
-        for healed in phases:
-            label = row_label(select, k, total, healed)
-            if label in done:
-                continue
-            run_dir = out / run_name(select, k, total, healed)
-            _prune(model_dir, data, run_dir, cfg, train_cfg if healed else replace(train_cfg, epochs=0), resume)
-            blocks = read_meta(run_dir).metrics["removed_blocks"]
-            settings = {"select": select, "ratio": round(k / total, 4), "removed": k, "of": total,
-                        "blocks": blocks, "healed": healed, "heal_epochs": train_cfg.epochs if healed else 0,
-                        "distill": distill if healed else None}
-            row = _profile(run_dir, out / EXPORTS / run_dir.name, profile, profiling)
-            append_rows(results, [row.model_copy(update={
-                "label": label, "method": "baseline" if label == "baseline" else "skip", "settings": settings,
-                "source": SOURCE})])
-    return results
+    return [(s, k, total) for s, k in groups if k <= len(candidate_blocks(model, s))]
+
+
+def _row(model_dir: str | Path, data: str, out: Path, cfg: SkipConfig, train_cfg: TrainConfig,
+         where: tuple[str, int, int, bool], profile: str, profiling: ProfileConfig, resume: bool) -> ResultRow:
+    """Prune (and heal) one configuration ``where`` = (select, removed, of, healed), export and profile it."""
+    select, k, total, healed = where
+    run_dir = out / run_name(select, k, total, healed)
+    _prune(model_dir, data, run_dir, cfg, train_cfg if healed else replace(train_cfg, epochs=0), resume)
+    settings = {"select": select, "ratio": round(k / total, 4), "removed": k, "of": total,
+                "blocks": read_meta(run_dir).metrics["removed_blocks"], "healed": healed,
+                "heal_epochs": train_cfg.epochs if healed else 0, "distill": cfg.distill if healed else None}
+    label = row_label(select, k, total, healed)
+    row = _profile(run_dir, out / EXPORTS / run_dir.name, profile, profiling)
+    return row.model_copy(update={"label": label, "method": "baseline" if label == "baseline" else "skip",
+                                  "settings": settings, "source": SOURCE})
 
 
 def _prune(model_dir: str | Path, data: str, run_dir: Path, cfg: SkipConfig, train_cfg: TrainConfig,
