@@ -76,12 +76,12 @@ def static_qdq(src: Path, dst: Path, calib: np.ndarray, activation: str) -> None
 
 
 def digits_bundle(work: Path) -> Path:
-    from edgevit.methods.baseline import train_baseline
+    from edgevit.methods.baseline import BaselineConfig, train_baseline
     from edgevit.train import TrainConfig
 
-    cfg = TrainConfig(epochs=12, batch_size=64, lr=3e-3, warmup_epochs=1, augment="none", label_smoothing=0.0)
-    arch = {"patch_size": 4, "embed_dim": 48, "depth": 4, "num_heads": 3}
-    return Path(train_baseline("digits", work / "digits", img_size=16, arch=arch, cfg=cfg))
+    cfg = TrainConfig(epochs=12, batch_size=64, lr=3e-3, warmup_epochs=1, augment=None, label_smoothing=0.0)
+    arch = BaselineConfig(img_size=16, patch_size=4, embed_dim=48, depth=4, heads=3)
+    return Path(train_baseline("vit_tiny_patch16_224", "digits", work / "digits", arch, cfg))
 
 
 def accuracy(paths: dict[str, Path], meta) -> dict[str, tuple[float, float, float]]:

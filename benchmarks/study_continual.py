@@ -22,16 +22,20 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import tempfile
 import time
-from dataclasses import replace
+from collections.abc import Callable
 
 import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 
 from edgevit.data import calibration_batch
 from edgevit.methods.continual import (
     ContinualConfig,
     ContinualLearner,
+    data_adapters,
     deployable_forms,
     joint_task,
     make_tasks,
@@ -40,8 +44,35 @@ from edgevit.methods.continual import (
 )
 from edgevit.train import TrainConfig, evaluate
 from edgevit.vit import load_bundle
+from edgevit.vit.adapters import inject_adapters
+from edgevit.vit.model import num_blocks
 
 LEARNERS = ("data", "lora", "finetune", "head", "joint")
+Adapt = Callable[[VisionTransformer, ContinualConfig], None]
+
+
+def lora(rank: int) -> Adapt:
+    """Sequential LoRA of ``rank`` on every qkv/proj/fc1/fc2 (no routing: every path at scale 1)."""
+
+    def adapt(vit: VisionTransformer, cfg: ContinualConfig) -> None:
+        for linear in inject_adapters(vit, (rank,), cfg.group_size, None):
+            nn.init.kaiming_uniform_(linear.down, a=math.sqrt(5))  # PEFT's LoRA init (U = 0)
+
+    return adapt
+
+
+def finetune(vit: VisionTransformer, cfg: ContinualConfig) -> None:
+    """Every backbone weight trains."""
+    vit.requires_grad_(True)
+
+
+def heads_only(vit: VisionTransformer, cfg: ContinualConfig) -> None:
+    """The backbone stays frozen: only the task heads train."""
+
+
+def adapter(name: str, lora_rank: int) -> Adapt:
+    return {"data": data_adapters, "lora": lora(lora_rank), "finetune": finetune, "joint": finetune,
+            "head": heads_only}[name]
 
 
 def main() -> None:
@@ -55,6 +86,7 @@ def main() -> None:
     parser.add_argument("--finetune-lr", type=float, default=5e-4, help="learning rate of finetune and joint")
     parser.add_argument("--ranks", default="4,16")
     parser.add_argument("--components", type=int, default=8)
+    parser.add_argument("--lora-rank", type=int, default=8, help="rank of the lora learner")
     parser.add_argument("--learners", default=",".join(LEARNERS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write the results here as JSON")
@@ -65,26 +97,23 @@ def main() -> None:
     classes = task_classes(meta, args.data, None)
     base = ContinualConfig(protocol=args.protocol, tasks=args.tasks, ranks=tuple(int(r) for r in args.ranks.split(",")),
                            components=args.components)
-    base = base.resolved(len(classes), len(vit.blocks), vit.embed_dim)
-    tasks = make_tasks(args.data, classes, meta.preprocessing, base)
-    augment = "shift" if args.data == "digits" else "shift-flip"
+    base = base.resolved(len(classes), num_blocks(vit), vit.embed_dim)
+    tasks = make_tasks(args.data, classes, meta.preprocessing, base, TrainConfig().augment)
     print(f"backbone {args.model} (classes {meta.data.classes}), protocol {args.protocol}, tasks "
           f"{[t.name for t in tasks]}, {args.epochs} epochs/task")
 
     results = {}
     for name in args.learners.split(","):
         lr = args.finetune_lr if name in ("finetune", "joint") else args.lr
-        train_cfg = TrainConfig(epochs=args.epochs, lr=lr, batch_size=64, warmup_epochs=1, augment=augment,
-                                seed=args.seed)
-        cfg = replace(base, learner="finetune" if name == "joint" else name)
-        learner = ContinualLearner(copy.deepcopy(vit), cfg, args.seed)
+        train_cfg = TrainConfig(epochs=args.epochs, lr=lr, batch_size=64, warmup_epochs=1, seed=args.seed)
+        learner = ContinualLearner(copy.deepcopy(vit), base, args.seed, adapter(name, args.lora_rank))
         start = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
             if name == "joint":
-                measured = run_tasks(learner, [joint_task(tasks)], train_cfg, tmp, evaluate_on=tasks)
+                measured, _ = run_tasks(learner, [joint_task(tasks)], train_cfg, tmp, evaluate_on=tasks)
                 measured["average_forgetting"] = None
             else:
-                measured = run_tasks(learner, tasks, train_cfg, tmp)
+                measured, _ = run_tasks(learner, tasks, train_cfg, tmp)
         measured["seconds"] = round(time.perf_counter() - start, 1)
         measured["trainable"] = sum(p.numel() for n, p in learner.named_parameters()
                                     if p.requires_grad or n.startswith("heads"))

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from edgevit.data import load_split
-from edgevit.methods.baseline import train_baseline
+from edgevit.methods.baseline import BaselineConfig, train_baseline
 from edgevit.methods.memory import (
     MemoryConfig,
     learn_table,
@@ -34,27 +34,27 @@ from edgevit.methods.memory import (
 from edgevit.train import TrainConfig, evaluate, fit
 
 ARCH = {"patch_size": 4, "embed_dim": 48, "depth": 4, "num_heads": 3}
-UPSTREAM = TrainConfig(epochs=15, batch_size=64, lr=3e-3, warmup_epochs=1, augment="shift", label_smoothing=0.0)
+UPSTREAM = TrainConfig(epochs=15, batch_size=64, lr=3e-3, warmup_epochs=1, label_smoothing=0.0)
 
 
 def finetune_config(images: int, steps: int, seed: int) -> TrainConfig:
     """The same optimisation for every arm: about ``steps`` steps whatever the amount of data."""
     per_epoch = max(1, images // 64)
     return TrainConfig(epochs=max(1, math.ceil(steps / per_epoch)), batch_size=64, lr=1e-3, warmup_epochs=1.0,
-                       augment="shift", label_smoothing=0.0, seed=seed)
+                       label_smoothing=0.0, seed=seed)
 
 
 def run_fraction(upstream: Path, fraction: float, seed: int, steps: int, prototypes: list[int], work: Path,
                  cfg: MemoryConfig) -> dict:
-    plain = prepare_task(upstream, "digits", fraction, seed)
+    plain = prepare_task(upstream, "digits", fraction, TrainConfig(seed=seed))
     test = load_split("digits", "test", plain.meta.preprocessing)
     train_cfg = finetune_config(len(plain.train_set), steps, seed)
     (work / f"plain-{fraction}-{seed}").mkdir()
     fit(plain.model, plain.train_set, train_cfg, work / f"plain-{fraction}-{seed}")
     row = {"images": len(plain.train_set), "plain": evaluate(plain.model, test)}
 
-    task = prepare_task(upstream, "digits", fraction, seed)
-    trainer = train_full_memory(task, cfg, train_cfg, work / f"memory-{fraction}-{seed}")
+    task = prepare_task(upstream, "digits", fraction, train_cfg)
+    trainer, _ = train_full_memory(task, cfg, train_cfg, work / f"memory-{fraction}-{seed}")
     full = trainer.table
     row.update(slots=full.slots, full=evaluate(trainer.model, test), full_bytes=full.table_bytes())
     pal_cfg = replace(train_cfg, epochs=max(1, train_cfg.epochs // 3))
@@ -87,8 +87,9 @@ def main() -> None:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        upstream = train_baseline("digits", work / "upstream", img_size=16, arch=ARCH, classes=list("01234"),
-                                  cfg=UPSTREAM)
+        arch = BaselineConfig(img_size=16, patch_size=ARCH["patch_size"], embed_dim=ARCH["embed_dim"],
+                              depth=ARCH["depth"], heads=ARCH["num_heads"], classes=list("01234"))
+        upstream = train_baseline("vit_tiny_patch16_224", "digits", work / "upstream", arch, UPSTREAM)
         rows = {f: [run_fraction(upstream, f, s, args.steps, prototypes, work, cfg) for s in seeds]
                 for f in fractions}
 

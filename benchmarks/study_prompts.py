@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from edgevit.methods.baseline import DIGITS_ARCH, train_baseline
+from edgevit.methods.baseline import DIGITS_ARCH, BaselineConfig, train_baseline
 from edgevit.methods.prompts import PromptConfig, measure_burstiness, train_prompts
 from edgevit.train import TrainConfig
 from edgevit.vit import read_meta
@@ -31,8 +31,10 @@ def backbone(work: Path, epochs: int, img_size: int) -> Path:
     """The upstream backbone (digits 0-4), trained once and reused."""
     out = work / f"backbone04-{img_size}px-e{epochs}"
     if not (out / "bundle.json").exists():
-        cfg = TrainConfig(epochs=epochs, lr=2e-3, augment="shift")
-        train_baseline("digits", out, img_size=img_size, arch=DIGITS_ARCH, classes=UPSTREAM, cfg=cfg,
+        arch = BaselineConfig(img_size=img_size, patch_size=DIGITS_ARCH["patch_size"],
+                              embed_dim=DIGITS_ARCH["embed_dim"], depth=DIGITS_ARCH["depth"],
+                              heads=DIGITS_ARCH["num_heads"], classes=UPSTREAM)
+        train_baseline("vit_tiny_patch16_224", "digits", out, arch, TrainConfig(epochs=epochs, lr=2e-3),
                        resume=(out / "checkpoint.pt").exists())
     return out
 
@@ -75,7 +77,7 @@ def main() -> None:
             if not (out / "bundle.json").exists():
                 cfg = PromptConfig(deep=deep, variant=variant,
                                    prompts=args.deep_prompts if deep else args.shallow_prompts)
-                train_cfg = TrainConfig(epochs=args.epochs, lr=args.lr, augment="shift", seed=args.seed)
+                train_cfg = TrainConfig(epochs=args.epochs, lr=args.lr, seed=args.seed)
                 train_prompts(base, "digits", out, cfg, train_cfg, resume=(out / "checkpoint.pt").exists())
             meta = read_meta(out)
             results[(mode, variant)] = meta.metrics

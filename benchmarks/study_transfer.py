@@ -44,15 +44,15 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 from edgevit.bench.flops import count_flops
 from edgevit.bench.latency import TimingConfig, rotation_inputs, time_torch
 from edgevit.data import fraction_subset, load_split
-from edgevit.methods.baseline import train_baseline
+from edgevit.methods.baseline import BaselineConfig, train_baseline
 from edgevit.methods.transfer import TransferConfig, TransferStudent, mix_heads, soft_cross_entropy, transfer_loss
-from edgevit.train import TrainConfig, evaluate, fit
+from edgevit.train import Augment, TrainConfig, evaluate, fit
 from edgevit.vit import create_vit, load_bundle, read_meta
 
 PRETRAIN_CLASSES = [str(c) for c in range(5)]
 DOWNSTREAM_CLASSES = [str(c) for c in range(5, 10)]
 TEACHER_ARCH = {"patch_size": 4, "embed_dim": 64, "depth": 6, "num_heads": 4}
-TEACHER_TRAIN = TrainConfig(epochs=30, batch_size=64, lr=2e-3, warmup_epochs=2, augment="shift")
+TEACHER_TRAIN = TrainConfig(epochs=30, batch_size=64, lr=2e-3, warmup_epochs=2)
 FINE_TUNE_LR = 5e-4
 EPOCHS = 10  # checkpoints per run: each "epoch" repeats the small subset, so overheads stay small
 
@@ -115,8 +115,9 @@ def teacher_run(args: argparse.Namespace, work: Path) -> Path:
         return Path(args.teacher)
     out = work / "teacher"
     if not (out / "bundle.json").exists():
-        train_baseline("digits", out, img_size=16, arch=TEACHER_ARCH, classes=PRETRAIN_CLASSES, cfg=TEACHER_TRAIN,
-                       resume=out.exists())
+        arch = BaselineConfig(img_size=16, patch_size=TEACHER_ARCH["patch_size"], embed_dim=TEACHER_ARCH["embed_dim"],
+                              depth=TEACHER_ARCH["depth"], heads=TEACHER_ARCH["num_heads"], classes=PRETRAIN_CLASSES)
+        train_baseline("vit_tiny_patch16_224", "digits", out, arch, TEACHER_TRAIN, resume=out.exists())
     return out
 
 
@@ -136,9 +137,9 @@ def run_seed(teacher_dir: Path, args: argparse.Namespace, seed: int, work: Path)
     held_out = ConcatDataset([Subset(full, sorted(set(range(len(full))) - set(subset.indices))),
                               *(load_split("digits", split, pre, DOWNSTREAM_CLASSES) for split in ("val", "test"))])
     times = max(1, math.ceil(args.steps / EPOCHS * args.batch_size / len(subset)))
-    train_set = repeated(subset, times)
-    cfg = TrainConfig(epochs=EPOCHS, batch_size=args.batch_size, lr=args.lr, warmup_epochs=1, augment="shift",
-                      seed=seed)
+    augmented = load_split("digits", "train", pre, DOWNSTREAM_CLASSES, augment=Augment())
+    train_set = repeated(fraction_subset(augmented, args.fraction, seed), times)  # the same images as ``subset``
+    cfg = TrainConfig(epochs=EPOCHS, batch_size=args.batch_size, lr=args.lr, warmup_epochs=1, seed=seed)
     num_classes = len(DOWNSTREAM_CLASSES)
     student_kwargs = {**meta.base.kwargs, **args.student_arch, "num_classes": num_classes}
     transfer = TransferConfig(layers=args.layers, weight=args.weight, head_map=args.head_map)
