@@ -34,7 +34,7 @@ from edgevit.cpu import cpu_info
 from edgevit.data import split_arrays
 from edgevit.export import checks, ort_graph, quantize
 from edgevit.export import onnx as onnx_export
-from edgevit.export.profiles import BatchSpec, Calibration, Int8Options
+from edgevit.export.profiles import BatchSpec, Calibration, QuantOptions
 from edgevit.vit import create_vit, load_bundle
 
 MATMULS = ["MatMul", "Gemm"]
@@ -52,7 +52,7 @@ def int8_graphs(fp32: Path, calib: np.ndarray, work: Path) -> dict[str, Path]:
     paths = {"fp32": fp32}
     for weights in ("int8", "int7", "uint8"):
         paths[f"dynamic-{weights}"] = work / f"dynamic-{weights}.onnx"
-        opts = Int8Options(quantizer="dynamic", ops=[*MATMULS, "Attention"], weight_type=weights)
+        opts = QuantOptions(quantizer="dynamic", ops=[*MATMULS, "Attention"], weight_type=weights)
         quantize.quantize_dynamic(fp32, paths[f"dynamic-{weights}"], opts)
     for activation in ("u8", "s8"):
         paths[f"static-{activation}s8"] = work / f"static-{activation}s8.onnx"

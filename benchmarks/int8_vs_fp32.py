@@ -20,7 +20,7 @@ from edgevit.bench.latency import interleaved_p50_ms as p50_ms
 from edgevit.data import split_arrays
 from edgevit.export import checks, quantize
 from edgevit.export import onnx as onnx_export
-from edgevit.export.profiles import BatchSpec, Calibration, Int8Options
+from edgevit.export.profiles import BatchSpec, Calibration, QuantOptions
 from edgevit.vit import create_vit, load_bundle
 
 
@@ -28,7 +28,7 @@ def graphs(model: torch.nn.Module, sample: np.ndarray, calib: np.ndarray, work: 
     """fp32, static Q/DQ (ORT CPU settings) and dynamic INT8 graphs of ``model``."""
     onnx_export.export_onnx(model, work / "raw.onnx", torch.from_numpy(sample), BatchSpec(min=1, opt=1, max=64))
     onnx_export.simplify(work / "raw.onnx", work / "fp32.onnx")
-    opts = Int8Options()
+    opts = QuantOptions()
     quantize.quantize_static(work / "fp32.onnx", work / "static.onnx", calib, opts, "minmax", False, 8)
     quantize.quantize_dynamic(work / "fp32.onnx", work / "dynamic.onnx", opts)
     return {k: work / f"{k}.onnx" for k in ("fp32", "static", "dynamic")}

@@ -34,9 +34,11 @@ COMPONENTS = {
 }
 TEGRA_RELEASE = Path("/etc/nv_tegra_release")
 DEVICE_MODEL = Path("/proc/device-tree/model")
-# L4T release -> JetPack (NVIDIA's JetPack archive); the longest matching prefix wins.
-JETPACK = {"36.4.3": "6.2", "36.4": "6.1", "36.3": "6.0", "36.2": "6.0 DP", "35.6": "5.1.4", "35.5": "5.1.3",
-           "35.4": "5.1.2", "35.3": "5.1.1", "35.2": "5.1", "35.1": "5.0.2"}
+# L4T release -> JetPack (NVIDIA's JetPack archive); the longest matching prefix wins. JetPack 7 (Jetson Thor,
+# T4000 from 7.1, Orin again from 7.2): Jetson Linux 38.2 (7.0), 38.4 (7.1), 39.2 (7.2), 39.2.1 (7.2.1).
+JETPACK = {"39.2.1": "7.2.1", "39.2": "7.2", "38.4": "7.1", "38.2": "7.0", "36.4.4": "6.2.1", "36.4.3": "6.2",
+           "36.4": "6.1", "36.3": "6.0", "36.2": "6.0 DP", "35.6": "5.1.4", "35.5": "5.1.3", "35.4": "5.1.2",
+           "35.3": "5.1.1", "35.2": "5.1", "35.1": "5.0.2"}
 
 
 def _version(distributions: tuple[str, ...]) -> str | None:
@@ -100,26 +102,34 @@ def _can_export(profile, found: dict) -> tuple[bool, str]:
 def _can_build(profile, found: dict, device: dict | None) -> tuple[bool | None, str]:
     """Whether this machine can build the profile's TensorRT engine (None: ONNX Runtime builds no engine)."""
     from edgevit.errors import EdgeVitError
-    from edgevit.export.tensorrt import check_version, gpu_info
+    from edgevit.export.runtimes import runtime_of
+    from edgevit.export.targets import TARGETS
+    from edgevit.export.tensorrt import check_gpu, check_version, gpu_info
 
-    if profile.runtime != "tensorrt":
-        return None, "no engine: ONNX Runtime loads the exported model.onnx"
+    if not runtime_of(profile).builds_engine:
+        return None, f"no engine: {profile.runtime} loads the exported graph"
     if not found["tensorrt"]["installed"]:
         return False, "tensorrt is not installed (pip install 'edgevit[trt]'; JetPack ships it)"
-    try:
-        gpu_info()
-    except EdgeVitError as err:
-        return False, str(err)
-    on_jetson = profile.target.startswith("jetson")
+    on_jetson = TARGETS[profile.target].jetson
     if on_jetson and device is None:
         return False, f"{profile.target} engines are built on the Jetson itself (no {TEGRA_RELEASE} here)"
     if not on_jetson and device is not None:
         return False, f"{profile.target} engines are built on a desktop GPU, not on this Jetson"
+    jetpack_min = profile.tensorrt.jetpack_min
+    if on_jetson and jetpack_min and _older((device or {}).get("jetpack"), jetpack_min):
+        return False, f"{profile.name} needs JetPack {jetpack_min}+; this Jetson has {device['jetpack']}"
     try:
+        check_gpu(profile, gpu_info())
         check_version(profile, found["tensorrt"]["version"] or "0")
     except EdgeVitError as err:
         return False, str(err)
     return True, ""
+
+
+def _older(version: str | None, minimum: str) -> bool:
+    """``version`` (e.g. "6.2") is below ``minimum``; an unknown version is not (the build itself will tell)."""
+    numbers = re.findall(r"\d+", version or "")
+    return bool(numbers) and tuple(map(int, numbers)) < tuple(map(int, minimum.split(".")))
 
 
 def diagnose() -> dict[str, Any]:

@@ -21,8 +21,10 @@ from common import gpu_info, read_export, sha256
 
 
 def built_onnx(export: dict, trt_major: int) -> str:
-    """The ONNX file build_engine.sh feeds trtexec (TensorRT 11 builds fp16 from the fp16 graph)."""
-    if export["profile"]["precision"] == "fp16" and trt_major >= 11:
+    """The ONNX file build_engine.sh feeds trtexec: fp16 builds the strongly typed fp16 graph on TensorRT 11, and on
+    TensorRT 10 where the profile builds strongly typed (Jetson Thor)."""
+    strongly_typed = trt_major >= 11 or export["profile"]["tensorrt"].get("strongly_typed", False)
+    if export["profile"]["precision"] == "fp16" and strongly_typed:
         return "model.fp16.onnx"
     return export["deploy_onnx"]
 

@@ -44,7 +44,9 @@ def gpu_info() -> dict[str, str]:
     except SystemExit:
         model = Path("/proc/device-tree/model")
         name = model.read_text().rstrip("\x00") if model.is_file() else "unknown"
-        capability = "8.7" if "Orin" in name else "7.2" if "Xavier" in name else "unknown"
+        # Thor (AGX Thor, T5000, T4000): Blackwell, 11.0 under CUDA 13; Orin: Ampere 8.7
+        capability = next((cc for key, cc in (("Thor", "11.0"), ("T4000", "11.0"), ("T5000", "11.0"), ("Orin", "8.7"),
+                                              ("Xavier", "7.2")) if key in name), "unknown")
         return {"gpu_name": name, "compute_capability": capability}
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
 from edgevit.errors import EdgeVitError
 from edgevit.export.profiles import list_profiles, load_profile
-from edgevit.export.tensorrt import ENGINE_JSON, check_engine_compatible, check_version, sha256
+from edgevit.export.runtimes import runtime_of
+from edgevit.export.tensorrt import ENGINE_JSON, check_engine_compatible, check_version, sha256, supported_majors
 
 HERE = {"trt_version": "10.3.0", "gpu_name": "Orin (nvgpu)", "compute_capability": "8.7"}
 
@@ -54,16 +56,22 @@ def gpu():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("profile", ["jetson-orin-nano-int8", "desktop-gpu-fp16"])
+@pytest.mark.parametrize("profile", ["desktop-gpu-int8", "desktop-gpu-fp16", "desktop-gpu-fp8"])
 def test_build_engine_on_gpu(gpu, digits_bundle, tmp_path, profile):
+    """Desktop profiles: a Jetson profile's engine is refused on any other GPU (edgevit.export.tensorrt.check_gpu),
+    and desktop-gpu-fp8 needs compute capability 8.9+."""
+    import torch
+
     from edgevit.export import export_bundle
     from edgevit.export.tensorrt import build_engine, load_engine
 
+    if profile.endswith("fp8") and torch.cuda.get_device_capability(0) < (8, 9):
+        pytest.skip("FP8 needs compute capability 8.9+")
     export_bundle(digits_bundle, profile, tmp_path / "out")
     info = build_engine(tmp_path / "out")
     assert (tmp_path / "out" / "engine.plan").is_file() and (tmp_path / "out" / "engine_inspector.json").is_file()
     assert info["trt_version"] == gpu.__version__ and info["compute_capability"]
-    assert info["strongly_typed"] == (profile.endswith("int8") or int(gpu.__version__.split(".")[0]) >= 11)
+    assert info["strongly_typed"] == (not profile.endswith("fp16") or int(gpu.__version__.split(".")[0]) >= 11)
     assert load_engine(tmp_path / "out").num_io_tensors == 2
     stale = json.loads((tmp_path / "out" / ENGINE_JSON).read_text()) | {"trt_version": "9.9.9"}
     (tmp_path / "out" / ENGINE_JSON).write_text(json.dumps(stale))
@@ -222,32 +230,56 @@ def test_engine_plan_is_the_serialized_engine_only(fp16_export, monkeypatch):
     assert "--saveEngine=engine.plan" in (fp16_export / "build_engine.sh").read_text()  # trtexec writes raw plans
 
 
+@pytest.mark.parametrize(("name", "gpu", "message"), [
+    ("jetson-thor-fp8", "8.7", "is for Jetson AGX Thor / T5000 (Blackwell GPU, no DLA) (compute capability 11.0); "
+                               "this GPU is Fake GPU (8.7)"),
+    ("desktop-gpu-fp8", "8.6", "(compute capability 8.9 or newer); this GPU is Fake GPU (8.6)"),
+])
+def test_an_engine_is_built_only_on_the_gpu_its_profile_is_for(name, gpu, message, tmp_path, monkeypatch):
+    import sys
+
+    from edgevit.export import tensorrt as trt_export
+
+    profile = load_profile(name)
+    (tmp_path / "model.fp8.onnx").write_bytes(b"graph")
+    (tmp_path / "export.json").write_text(json.dumps({"schema_version": 1, "profile": profile.model_dump(mode="json"),
+                                                      "deploy_onnx": "model.fp8.onnx"}))
+    monkeypatch.setitem(sys.modules, "tensorrt", _Recorder("10.13.0"))
+    monkeypatch.setattr(trt_export, "gpu_info", lambda: {"gpu_name": "Fake GPU", "compute_capability": gpu})
+    with pytest.raises(EdgeVitError, match=re.escape(message)):
+        trt_export.build_engine(tmp_path)
+    assert not (tmp_path / "engine.plan").exists()
+
+
 FAKE_TRTEXEC = """#!/usr/bin/env bash
 printf '%s\\n' "$@" > trtexec.args
 echo engine > engine.plan
 """
 
 
-@pytest.mark.parametrize("major", [10, 11])
-@pytest.mark.parametrize("name", [p.name for p, _ in list_profiles() if p.runtime == "tensorrt"])
-def test_build_engine_sh_and_the_python_builder_agree(name, major, tmp_path, monkeypatch):
-    """For every shipped TensorRT profile and TensorRT major, the trtexec line build_engine.sh runs (with a fake
-    trtexec that records its arguments) asks for what the Python builder does: the same ONNX, strong typing,
-    precision flags, batch shapes, workspace, optimisation level and DLA settings."""
+@pytest.mark.parametrize(("name", "version"), [(p.name, version) for p, _ in list_profiles()
+                                               if runtime_of(p).builds_engine
+                                               for version in supported_majors(p).values()])
+def test_build_engine_sh_and_the_python_builder_agree(name, version, tmp_path, monkeypatch):
+    """For every shipped TensorRT profile and every TensorRT major its version range lists, the trtexec line
+    build_engine.sh runs (with a fake trtexec that records its arguments) asks for what the Python builder does: the
+    same ONNX, strong typing, precision flags, batch shapes, workspace, optimisation level and DLA settings."""
     import subprocess
     import sys
 
     from edgevit.export import tensorrt as trt_export
-    from edgevit.export.artifacts import SCRIPT
+    from edgevit.export.artifacts import QUANTIZED_ONNX, SCRIPT
+    from edgevit.export.targets import TARGETS
     from edgevit.export.trtexec import build_script
 
     profile = load_profile(name)
-    deploy = "model.int8.onnx" if profile.precision == "int8" else "model.onnx"
+    major = int(version.split(".")[0])
+    deploy = QUANTIZED_ONNX.get(profile.precision, "model.onnx")
     for graph in ("model.onnx", deploy, trt_export.FP16_ONNX):
         (tmp_path / graph).write_bytes(b"graph")
     (tmp_path / "export.json").write_text(json.dumps({"schema_version": 1, "profile": profile.model_dump(mode="json"),
                                                       "deploy_onnx": deploy}))
-    plans = {m: trt_export.build_plan(profile, deploy, f"{m}.0") for m in (10, 11)}
+    plans = {m: trt_export.build_plan(profile, deploy, v) for m, v in supported_majors(profile).items()}
     (tmp_path / SCRIPT).write_text(build_script(profile, plans, "input", [1, 16, 16]))
     (tmp_path / "trtexec").write_text(FAKE_TRTEXEC)
     (tmp_path / "trtexec").chmod(0o755)
@@ -255,10 +287,11 @@ def test_build_engine_sh_and_the_python_builder_agree(name, major, tmp_path, mon
     subprocess.run(["bash", str(tmp_path / SCRIPT)], env=env, check=True)
     args = (tmp_path / "trtexec.args").read_text().split()
 
+    gpu = profile.tensorrt.compute_capability or TARGETS[profile.target].compute_capability or "8.7"
     batch = profile.batch_spec
-    fake = _Recorder(f"{major}.0.0", dla_cores=1, input_shape=(-1 if batch.dynamic else batch.max, 1, 16, 16))
+    fake = _Recorder(version, dla_cores=1, input_shape=(-1 if batch.dynamic else batch.max, 1, 16, 16))
     monkeypatch.setitem(sys.modules, "tensorrt", fake)
-    monkeypatch.setattr(trt_export, "gpu_info", lambda: {"gpu_name": "Fake GPU", "compute_capability": "8.7"})
+    monkeypatch.setattr(trt_export, "gpu_info", lambda: {"gpu_name": "Fake GPU", "compute_capability": gpu})
     trt_export.build_engine(tmp_path)
     calls = fake.calls
 

@@ -173,7 +173,7 @@ def test_every_shipped_tensorrt_profile_writes_an_nvinfer_classifier_config_with
     assert set(props) <= NVINFER_PROPERTY_KEYS, set(props) - NVINFER_PROPERTY_KEYS
     assert set(props) >= CLASSIFIER_KEYS
     assert props["network-type"] == "1" and props["process-mode"] == "1"
-    assert props["network-mode"] == str({"fp32": 0, "int8": 1, "fp16": 2}[profile.precision])
+    assert props["network-mode"] == str({"fp32": 0, "int8": 1, "fp16": 2, "fp8": 2}[profile.precision])  # no FP8 mode
     assert props["batch-size"] == str(profile.batch_spec.max) and props["infer-dims"] == "1;16;16"
     assert props["model-color-format"] == "2" and props["output-blob-names"] == "logits"
     assert float(props["classifier-threshold"]) >= 0  # nvinfer refuses a negative one

@@ -9,13 +9,15 @@ from onnx import TensorProto, helper, numpy_helper
 from edgevit.export.precision import check_precision, precision_report
 
 
-def _graph(dtype: int, quantize_first: bool) -> onnx.ModelProto:
-    """x (1x4x8) -> MatMul(W1 8x16) -> MatMul(W2 16x2): the first optionally behind Q/DQ on both operands."""
+def _graph(dtype: int, quantize_first: bool, fp8: bool = False) -> onnx.ModelProto:
+    """x (1x4x8) -> MatMul(W1 8x16) -> MatMul(W2 16x2): the first optionally behind Q/DQ (int8, or FP8 E4M3) on
+    both operands."""
     np_type = np.float16 if dtype == TensorProto.FLOAT16 else np.float32
+    zero = (helper.make_tensor("z", TensorProto.FLOAT8E4M3FN, [], [0.0]) if fp8
+            else numpy_helper.from_array(np.array(0, np.int8), "z"))
     inits = [numpy_helper.from_array(np.ones((8, 16), np_type), "w1"),
              numpy_helper.from_array(np.ones((16, 2), np_type), "w2"),
-             numpy_helper.from_array(np.array(0.1, np_type), "s"),
-             numpy_helper.from_array(np.array(0, np.int8), "z")]
+             numpy_helper.from_array(np.array(0.1, np_type), "s"), zero]
     nodes = []
     a, b = "x", "w1"
     if quantize_first:
@@ -38,6 +40,16 @@ def test_int8_only_where_both_operands_are_dequantized_and_flops_from_shapes():
     total = 2 * 4 * 8 * 16 + 2 * 4 * 16 * 2
     assert report["flops_share"] == {"INT8": round(1024 / total, 4), "FP32": round(256 / total, 4)}
     assert report["line"] == "INT8 80%, FP16 0%, FP32 20% of MatMul/Gemm/Conv FLOPs (1 INT8, 0 FP16, 1 FP32 nodes)"
+
+
+def test_fp8_qdq_reports_fp8_and_an_fp8_profile_refuses_int8():
+    report = precision_report(_graph(TensorProto.FLOAT16, quantize_first=True, fp8=True))
+    assert report["counts"] == {"FP8": 1, "FP16": 1}
+    assert report["line"].startswith("FP8 80%, INT8 0%, FP16 20%, FP32 0% of MatMul/Gemm/Conv FLOPs (1 FP8, 0 INT8")
+    assert check_precision(report, "fp8", []) is None
+    assert check_precision(report, "int8", []) == "1 MatMul/Gemm/Conv quantized to FP8, not INT8"
+    int8 = precision_report(_graph(TensorProto.FLOAT16, quantize_first=True))
+    assert check_precision(int8, "fp8", []) == "1 MatMul/Gemm/Conv quantized to INT8, not FP8"
 
 
 def test_fp16_graph_reports_fp16():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shlex
 from pathlib import Path
 
@@ -12,11 +13,12 @@ from click.testing import CliRunner
 from edgevit.cli import main
 from edgevit.errors import EdgeVitError
 from edgevit.export.profiles import list_profiles, load_profile, parse_profile
-from edgevit.export.tensorrt import build_plan
+from edgevit.export.tensorrt import build_plan, supported_majors
 from edgevit.export.trtexec import build_script, trtexec_args
 
 SHIPPED = {"cpu-ort-fp32", "cpu-ort-int8", "jetson-orin-nano-fp16", "jetson-orin-nano-int8",
-           "jetson-agx-orin-int8-dla", "desktop-gpu-fp16", "desktop-gpu-int8"}
+           "jetson-agx-orin-int8-dla", "desktop-gpu-fp16", "desktop-gpu-int8", "jetson-thor-fp16", "jetson-thor-int8",
+           "jetson-thor-fp8", "desktop-gpu-fp8"}
 REPO_PROFILES = Path(__file__).resolve().parents[1] / "export_profiles"
 
 
@@ -74,6 +76,39 @@ def test_inconsistent_profiles_are_refused():
         parse_profile(data)
 
 
+@pytest.mark.parametrize(("name", "edit", "message"), [
+    ("jetson-thor-int8", lambda r: r["tensorrt"].update(dla_core=0),
+     "dla_core is only available on Jetson Orin NX and AGX Orin (jetson-thor: Jetson AGX Thor / T5000"),
+    ("jetson-orin-nano-int8", lambda r: r.update(precision="fp8"),
+     "precision fp8 needs FP8 tensor cores (compute capability 8.9+: Ada, Hopper, Blackwell, Jetson Thor); "
+     "jetson-orin-nano is 8.7"),
+    ("desktop-gpu-fp8", lambda r: r["tensorrt"].update(compute_capability="8.6"), "desktop-gpu is 8.6"),
+    ("desktop-gpu-fp8", lambda r: r["tensorrt"].pop("compute_capability"),
+     "set tensorrt.compute_capability to the GPU's"),
+    ("jetson-thor-fp8", lambda r: r["tensorrt"].update(compute_capability="8.7"), "is not jetson-thor's GPU (11.0)"),
+    ("jetson-thor-fp8", lambda r: r.update(runtime="onnxruntime"), "fp8 is not an onnxruntime precision"),
+    ("jetson-thor-fp8", lambda r: r.update(target="jetson-tor"), "unknown target 'jetson-tor'; did you mean "
+                                                                 "'jetson-thor'?"),
+])
+def test_a_profile_asking_its_target_for_what_it_lacks_is_refused(name, edit, message):
+    data = raw(name)
+    edit(data)
+    with pytest.raises(EdgeVitError, match=re.escape(message)) as err:
+        parse_profile(data, "p.yaml")
+    assert "\n" not in str(err.value)
+
+
+def test_thor_and_fp8_profiles_state_their_device_software():
+    for name in ("jetson-thor-fp16", "jetson-thor-int8", "jetson-thor-fp8"):
+        profile = load_profile(name)
+        trt = profile.tensorrt
+        assert (profile.target, trt.jetpack_min, trt.cuda_min, trt.version_min, trt.version_max) == (
+            "jetson-thor", "7.0", "13.0", "10.13", "12")
+        assert trt.strongly_typed and trt.dla_core is None
+    assert load_profile("desktop-gpu-fp8").tensorrt.compute_capability == "8.9"
+    assert load_profile("jetson-thor-fp8").quant.quantizer == "modelopt"
+
+
 def test_profiles_are_found_by_path_env_and_name(tmp_path, monkeypatch):
     mine = raw("cpu-ort-fp32") | {"name": "line-3-cpu", "description": "my line"}
     (tmp_path / "line-3-cpu.yaml").write_text(yaml.safe_dump(mine))
@@ -111,6 +146,16 @@ def test_build_plan_follows_tensorrt_10_and_11():
         plan = build_plan(int8, "model.int8.onnx", version)
         assert plan["strongly_typed"] and plan["precision_flags"] == [] and plan["onnx"] == "model.int8.onnx"
     assert build_plan(dla, "model.int8.onnx", "10.3")["precision_flags"] == ["int8", "fp16"]
+    # Jetson Thor builds strongly typed on TensorRT 10 too: fp16 from model.fp16.onnx, no precision flags
+    for name, deploy in (("jetson-thor-fp16", "model.onnx"), ("jetson-thor-int8", "model.int8.onnx"),
+                         ("jetson-thor-fp8", "model.fp8.onnx")):
+        thor = load_profile(name)
+        assert supported_majors(thor) == {10: "10.13", 11: "11.0"}
+        for version in supported_majors(thor).values():
+            plan = build_plan(thor, deploy, version)
+            assert plan["strongly_typed"] and plan["precision_flags"] == []
+            assert plan["onnx"] == ("model.fp16.onnx" if name.endswith("fp16") else deploy)
+    assert supported_majors(fp16) == {10: "10.0", 11: "11.0"}
 
 
 def _flags(args: list[str]) -> dict[str, str]:

@@ -215,7 +215,7 @@ class OrtBackend(Backend):
         if reason := cpu.lacks(export.get("int8", {}).get("cpu", {}).get("needs")):
             log.warning("%s relies on %s; %s, so its INT8 sums saturate and top-1 may fall below export.json's "
                         "(re-export with int8.weight_type: int7)", path, export["int8"]["cpu"]["needs"], reason)
-        runtime = RUNTIMES.get(export.get("profile", {}).get("runtime", "onnxruntime"))
+        runtime = RUNTIMES.get(export.get("profile", {}).get("runtime"))
         self.session = ort_session(runtime.device_graph(path) if runtime else path, threads)
         self.input = self.session.get_inputs()[0]
         self.precision = onnx_precision(path)
@@ -343,12 +343,6 @@ def backend_class(name: str) -> type[Backend]:
     if name not in BACKENDS:
         raise EdgeVitError(f"unknown backend {name!r} (choose from {', '.join(BACKENDS)})")
     return BACKENDS[name]
-
-
-def check_backend(artifact: Artifact, name: str) -> None:
-    """Everything that would stop backend ``name`` from running ``artifact``, checked before any time is
-    spent measuring: the backend exists and is installed, its file is there, an engine fits this machine."""
-    backend_class(name).check(artifact)
 
 
 def open_backend(artifact: Artifact, name: str, threads: int, device: str | None = None) -> Backend:

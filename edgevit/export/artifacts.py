@@ -8,6 +8,7 @@
       bundle/             the bundle it came from (model.safetensors + bundle.json)
       model.onnx          the FP32 graph (checked against torch)
       model.int8.onnx     INT8 profiles: the quantized graph (export.json's deploy_onnx)
+      model.fp8.onnx      TensorRT FP8 profiles: the FP8 Q/DQ graph (export.json's deploy_onnx)
       model.fp16.onnx     TensorRT fp16 profiles: the strongly typed fp16 graph
       build_engine.sh     TensorRT profiles: the trtexec command equivalent to ``edgevit build``
       engine.plan         written on the target by ``edgevit build`` (+ engine.json: what it was built for)
@@ -26,6 +27,8 @@ BUNDLE_DIR = "bundle"
 FP32_ONNX = "model.onnx"
 INT8_ONNX = "model.int8.onnx"
 FP16_ONNX = "model.fp16.onnx"
+FP8_ONNX = "model.fp8.onnx"
+QUANTIZED_ONNX = {"int8": INT8_ONNX, "fp8": FP8_ONNX}  # a quantized precision's deploy graph
 SCRIPT = "build_engine.sh"
 ENGINE = "engine.plan"
 ENGINE_JSON = "engine.json"

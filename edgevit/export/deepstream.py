@@ -45,7 +45,9 @@ NAME = "deepstream"
 FOLDER = "deepstream"
 CONFIG, LABELS = "config_infer.txt", "labels.txt"
 PROCESS_MODE = {"primary": 1, "secondary": 2}
-NETWORK_MODE = {"fp32": 0, "int8": 1, "fp16": 2}
+# nvinfer has no FP8 network-mode: it matters only when nvinfer builds an engine itself, and FP8 engines come
+# from edgevit's strongly typed build (the config says so)
+NETWORK_MODE = {"fp32": 0, "int8": 1, "fp16": 2, "fp8": 2}
 COLOR_FORMAT = {3: 0, 1: 2}  # nvinfer: 0 RGB, 1 BGR, 2 GRAY; timm models take RGB
 SCALING_FILTER = {"nearest": 0, "bilinear": 1, "bicubic": 2}  # NvBufSurfTransform_Inter (2: GPU cubic)
 PIXEL_RANGE = 255.0
@@ -92,6 +94,9 @@ def config_infer(export: dict[str, Any], profile: Profile, warning: str | None =
         "# model-engine-file is built on the device: `edgevit build ..` or ../build_engine.sh; nvinfer builds",
         "# one from onnx-file itself only when it is missing (without edgevit's builder settings).",
     ]
+    if profile.precision == "fp8":
+        lines += ["# FP8: build model-engine-file with edgevit build or ../build_engine.sh (strongly typed); nvinfer's",
+                  "# own build has no FP8 network-mode and would run FP16."]
     if warning:
         lines += [f"# WARNING: {warning}"]
     props = {
@@ -133,7 +138,9 @@ def labels_txt(classes: list[str]) -> str:
 
 def emit(out: Path, export: dict[str, Any], profile: Profile, images: np.ndarray) -> dict[str, Any] | None:
     """Write ``deepstream/`` for a TensorRT export into ``out``; returns what export.json records (None: not one)."""
-    if profile.runtime != "tensorrt":
+    from edgevit.export.runtimes import runtime_of
+
+    if not runtime_of(profile).deepstream:
         return None
     pre = export["input"]["preprocessing"]
     spec = spec_of(pre)

@@ -32,9 +32,11 @@ EXECUTABLE = ("build_engine.py", "benchmark.sh", "run_folder.py")
 
 
 def emit(out: Path, export: dict[str, Any], profile: Profile, images: np.ndarray) -> dict[str, Any] | None:
-    """Copy the kit into ``out/device/`` for a TensorRT export; returns what export.json records."""
+    """Copy the kit into ``out/device/`` where the device builds an engine; returns what export.json records."""
+    from edgevit.export.runtimes import runtime_of
+
     del export, images  # the scripts read export.json on the device
-    if profile.runtime != "tensorrt":
+    if not runtime_of(profile).builds_engine:
         return None
     source = shipped_dir("jetson")
     folder = out / FOLDER

@@ -25,9 +25,9 @@ from edgevit.data import split_arrays
 from edgevit.errors import EdgeVitError
 from edgevit.export import checks, deepstream, devicekit, preprocess, quantize, triton
 from edgevit.export import onnx as onnx_export
-from edgevit.export.artifacts import BUNDLE_DIR, FP32_ONNX, INT8_ONNX, SCHEMA_VERSION, write_export
+from edgevit.export.artifacts import BUNDLE_DIR, FP32_ONNX, QUANTIZED_ONNX, SCHEMA_VERSION, write_export
 from edgevit.export.profiles import InputSpec, Profile, load_profile
-from edgevit.export.runtimes import RUNTIMES, Runtime
+from edgevit.export.runtimes import Runtime, runtime_of
 from edgevit.export.tensorrt import sha256
 from edgevit.vit.bundle import META, WEIGHTS, load_bundle
 
@@ -95,7 +95,7 @@ def export_bundle(run: str | Path, profile: str | Profile, out: str | Path) -> d
         reason = meta.provenance.get("not_deployable_reason", "its method marked it not deployable")
         raise EdgeVitError(f"{run} cannot be exported: {reason}")
     cal_images = cal_info = None
-    if profile.precision == "int8" and profile.int8.quantizer != "dynamic":
+    if profile.quantized and profile.quant.quantizer != "dynamic":
         cal_images, cal_info = quantize.calibration_images(profile.calibration, meta)
     tmp = _prepare_out(out)
     try:
@@ -139,17 +139,17 @@ def _export_into(tmp: Path, run: Path, model, meta, profile: Profile, cal_images
     graph_info: dict[str, Any] = {**slim, "layer_norms": layer_norms, "opset": checks.opset_of(graph)}
     if adapted is not None:
         graph_info["input"] = adapted
-    runtime = RUNTIMES[profile.runtime]
-    graph_info |= runtime.fp32_graph(tmp, graph, model, profile)
+    runtime = runtime_of(profile)
+    graph_info |= runtime.fp32_graph(tmp, model, profile)
 
     result = checks.parity(reference, tmp / FP32_ONNX, images, tol, batch.opt if batch.dynamic else batch.max)
     if not result["passed"]:
         raise EdgeVitError(checks.parity_error(result))
 
     deploy = FP32_ONNX
-    if profile.precision == "int8":
-        low_precision = _quantize(tmp, meta, profile, runtime, cal_images, cal_info)
-        deploy = INT8_ONNX
+    if profile.quantized:
+        deploy = QUANTIZED_ONNX[profile.precision]
+        low_precision = _quantize(tmp, meta, profile, runtime, deploy, cal_images, cal_info)
     else:
         low_precision = runtime.low_precision(tmp, meta, profile)
     graph_info |= runtime.finish(tmp, model, profile, deploy, dims)
@@ -180,19 +180,10 @@ def _export_into(tmp: Path, run: Path, model, meta, profile: Profile, cal_images
     return export
 
 
-def _quantize(tmp: Path, meta, profile: Profile, runtime: Runtime, cal_images: np.ndarray | None,
+def _quantize(tmp: Path, meta, profile: Profile, runtime: Runtime, deploy: str, cal_images: np.ndarray | None,
               cal_info: dict[str, Any] | None) -> dict[str, Any]:
-    """Write model.int8.onnx, check it fits the runtime, and compare its top-1 with fp32."""
-    opts = profile.int8
-    batch = profile.batch_spec
-    run_batch = batch.opt if batch.dynamic else batch.max
-    tensorrt = profile.runtime == "tensorrt"
-    info = quantize.quantize_graph(tmp / FP32_ONNX, tmp / INT8_ONNX, cal_images, opts, profile.calibration.method,
-                                   profile.runtime, max(run_batch, 8) if batch.dynamic else run_batch,
-                                   profile.tensorrt.fp32_ops if tensorrt else [])
-    int8_graph = onnx.load(str(tmp / INT8_ONNX))
-    onnx_export.check(int8_graph)
-    info |= runtime.check_int8(int8_graph, profile)
+    """Write the quantized graph ``deploy`` with the runtime's quantizer and compare its top-1 with FP32."""
+    info = runtime.quantize(tmp, deploy, cal_images, profile)
     samples = {"samples": cal_info["samples"] if cal_info else 0, "calibration": cal_info}
     calibrated = profile.calibration if cal_info else None
-    return {**checks.low_precision_accuracy(tmp, meta, profile, INT8_ONNX, runtime, calibrated), **samples, **info}
+    return {**checks.low_precision_accuracy(tmp, meta, profile, deploy, runtime, calibrated), **samples, **info}

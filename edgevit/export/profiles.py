@@ -15,14 +15,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from edgevit.errors import EdgeVitError
+from edgevit.export.targets import TARGETS
 from edgevit.resources import shipped_dir
 
 PROFILE_DIR = "export_profiles"
 PROFILE_ENV = "EDGEVIT_PROFILES"
-TARGETS = ("jetson-orin-nano", "jetson-orin-nx", "jetson-agx-orin", "desktop-gpu", "cpu")
+QUANTIZED = ("int8", "fp8")  # precisions whose graph carries Q/DQ (a calibrated quantizer writes it)
 
 
 class _Strict(BaseModel):
@@ -60,8 +61,8 @@ class Calibration(_Strict):
     seed: int | None = None
 
 
-class Int8Options(_Strict):
-    """How the INT8 graph is made.
+class QuantOptions(_Strict):
+    """How the quantized (INT8 or FP8) graph is made: the profile's ``int8`` or ``fp8`` section.
 
     ``quantizer``: ``static`` (Q/DQ with calibrated activation scales; what TensorRT needs), ``dynamic``
     (ONNX Runtime only: int8 weights, activation scales computed per batch at run time) or ``modelopt``
@@ -78,7 +79,8 @@ class Int8Options(_Strict):
     # with VNNI, AMX or on ARM (x86 AVX2 saturates pairs in int16, edgevit.cpu); int7 (weights within +-64, ORT's
     # reduce_range) is exact on every CPU; uint8 runs ORT's u8u8 kernels. TensorRT takes int8.
     weight_type: Literal["int8", "int7", "uint8"] = "int8"
-    max_top1_drop: float = Field(0.01, ge=0, le=1, description="INT8 vs FP32 val top-1 drop that fails the export")
+    max_top1_drop: float = Field(0.01, ge=0, le=1, description="quantized vs FP32 top-1 drop that fails the export "
+                                 "(decided by the paired gate, edgevit.export.gate)")
 
 
 class TensorRTOptions(_Strict):
@@ -91,6 +93,14 @@ class TensorRTOptions(_Strict):
     gpu_fallback: bool = True
     version_min: str = "10.0"
     version_max: str | None = None  # exclusive upper bound, e.g. "12"
+    # The GPU the engine is for: fixed by Jetson targets, the minimum a desktop profile needs (fp8: 8.9+).
+    compute_capability: str | None = Field(None, pattern=r"^\d+\.\d+$")
+    # What the device's software must be (Jetson: JetPack; CUDA), checked by doctor and recorded in export.json.
+    jetpack_min: str | None = None
+    cuda_min: str | None = None
+    # Build strongly typed on every TensorRT major (fp16 from model.fp16.onnx, no precision flags); TensorRT 11
+    # always does, and Jetson Thor profiles do on TensorRT 10 too.
+    strongly_typed: bool = False
     # Op types the strongly typed graph keeps in FP32 outside the INT8 regions (everything else is FP16); an
     # fp16/int8 export with FP32 compute beyond these fails.
     fp32_ops: list[str] = Field(default_factory=list)
@@ -170,39 +180,64 @@ class Profile(_Strict):
 
     name: str
     description: str = ""
-    target: Literal["jetson-orin-nano", "jetson-orin-nx", "jetson-agx-orin", "desktop-gpu", "cpu"]
-    runtime: Literal["tensorrt", "onnxruntime"]
-    precision: Literal["fp32", "fp16", "int8"]
+    target: str  # one of edgevit.export.targets.TARGETS
+    runtime: str  # one of edgevit.export.runtimes.RUNTIMES
+    precision: Literal["fp32", "fp16", "int8", "fp8"]
     batch: int | BatchSpec = 1
     opset: int = Field(17, ge=13)
     exporter: Literal["torchscript", "dynamo"] = "torchscript"
     ort_fusions: Literal["session", "transformers", "none"] = "session"
     calibration: Calibration = Field(default_factory=Calibration)
-    int8: Int8Options = Field(default_factory=Int8Options)
+    int8: QuantOptions = Field(default_factory=QuantOptions)
+    fp8: QuantOptions = Field(default_factory=QuantOptions)
     tensorrt: TensorRTOptions = Field(default_factory=TensorRTOptions)
     deepstream: DeepStreamOptions = Field(default_factory=DeepStreamOptions)
     input: InputSpec = Field(default_factory=InputSpec)
     parity: Parity = Field(default_factory=Parity)
 
+    @field_validator("target")
+    @classmethod
+    def _known_target(cls, value: str) -> str:
+        return _known(value, TARGETS, "target")
+
+    @field_validator("runtime")
+    @classmethod
+    def _known_runtime(cls, value: str) -> str:
+        from edgevit.export.runtimes import RUNTIMES
+
+        return _known(value, RUNTIMES, "runtime")
+
     @model_validator(mode="after")
     def _consistent(self) -> Profile:
-        if self.runtime == "tensorrt" and self.opset < 17:
-            raise ValueError("tensorrt profiles need opset >= 17 (LayerNormalization as one op)")
-        if self.runtime == "onnxruntime" and self.precision == "fp16":
-            raise ValueError("fp16 is a tensorrt precision; onnxruntime profiles are fp32 or int8")
-        if self.runtime == "tensorrt" and self.precision == "int8" and self.int8.quantizer == "dynamic":
-            raise ValueError("dynamic quantization is ONNX Runtime only; tensorrt needs static Q/DQ")
-        if self.runtime == "tensorrt" and self.int8.weight_type != "int8":
-            raise ValueError(f"int8.weight_type {self.int8.weight_type} is for ONNX Runtime's CPU kernels; "
-                             "tensorrt takes int8")
-        if self.tensorrt.dla_core is not None and not self.target.startswith("jetson"):
-            raise ValueError("dla_core is only available on Jetson targets")
+        from edgevit.export.runtimes import runtime_of
+
+        problem = runtime_of(self).refusal(self)
+        if problem:
+            raise ValueError(problem)
         return self
 
     @property
     def batch_spec(self) -> BatchSpec:
         b = self.batch
         return b if isinstance(b, BatchSpec) else BatchSpec(min=b, opt=b, max=b)
+
+    @property
+    def quantized(self) -> bool:
+        """The deploy graph carries Q/DQ (INT8 or FP8)."""
+        return self.precision in QUANTIZED
+
+    @property
+    def quant(self) -> QuantOptions:
+        """The section that says how the quantized graph is made (``fp8`` for FP8 profiles, else ``int8``)."""
+        return self.fp8 if self.precision == "fp8" else self.int8
+
+
+def _known(value: str, names, kind: str) -> str:
+    if value not in names:
+        close = difflib.get_close_matches(value, list(names), n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"choose from {', '.join(names)}"
+        raise ValueError(f"unknown {kind} {value!r}; {hint}")
+    return value
 
 
 def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:

@@ -1,4 +1,4 @@
-"""INT8: calibration sets and the quantizers that turn an fp32 ONNX graph into an INT8 one.
+"""INT8 and FP8: calibration sets and the quantizers that turn an fp32 ONNX graph into a quantized one.
 
 Calibration sets are manifests ``calibration/<name>.yaml`` (see calibration/README.md) naming ``digits`` or
 an image folder, a sample count and a seed; ``bundle`` means the bundle's own train split. Images are drawn
@@ -12,11 +12,13 @@ Quantizers:
   quantized) and the calibrated graph is then made FP16 outside its Q/DQ (opset 19, fp16 scales), the same
   kind of graph ModelOpt writes; for ONNX Runtime, activations are uint8 (the fast u8s8 kernels on x86).
 - ``dynamic``: ONNX Runtime dynamic quantization (int8 weights, activation ranges per batch). ORT only.
-- ``modelopt``: nvidia-modelopt's ONNX INT8 quantization (TensorRT placement rules, FP16 outside Q/DQ); when
-  modelopt is not installed the ``static`` TensorRT path runs instead and export.json says so.
+- ``modelopt``: nvidia-modelopt's ONNX PTQ in INT8 or FP8 mode (TensorRT placement rules, FP16 outside Q/DQ);
+  when modelopt is not installed the ``static`` TensorRT path runs instead and export.json says so.
 
-TensorRT INT8 graphs are mixed precision in the graph itself: a strongly typed build runs the Q/DQ regions in
-INT8, every other tensor in FP16 (except ``tensorrt.fp32_ops``), with FP32 graph input and output.
+FP8 (E4M3, TensorRT on compute capability 8.9+) is the same Q/DQ placement with FLOAT8E4M3FN instead of int8:
+symmetric, per-tensor scales. TensorRT graphs are mixed precision in the graph itself: a strongly typed build
+runs the Q/DQ regions in INT8 or FP8, every other tensor in FP16 (except ``tensorrt.fp32_ops``), with FP32 graph
+input and output.
 """
 
 from __future__ import annotations
@@ -38,8 +40,8 @@ from edgevit.data import DIGITS, balanced_indices, load_ref, load_split
 from edgevit.data.datasets import IMAGE_SUFFIXES, ImageFiles
 from edgevit.errors import EdgeVitError
 from edgevit.export import onnx as onnx_export
-from edgevit.export.precision import int8_nodes
-from edgevit.export.profiles import Calibration, Int8Options, find_yaml, read_yaml
+from edgevit.export.precision import quantized_nodes
+from edgevit.export.profiles import Calibration, QuantOptions, find_yaml, read_yaml
 from edgevit.vit.bundle import BundleMeta
 
 log = logging.getLogger("edgevit")
@@ -210,10 +212,11 @@ def _ort_calibration_method(method: str):
     from onnxruntime.quantization import CalibrationMethod
 
     return {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-            "percentile": CalibrationMethod.Percentile}[method]
+            "percentile": CalibrationMethod.Percentile,
+            "distribution": CalibrationMethod.Distribution}[method]  # ORT's only one for float8
 
 
-def _ort_weights(opts: Int8Options) -> dict[str, Any]:
+def _ort_weights(opts: QuantOptions) -> dict[str, Any]:
     """ONNX Runtime's quantizer arguments for the profile's ``weight_type`` (int7: int8 with ``reduce_range``)."""
     from onnxruntime.quantization import QuantType
 
@@ -221,15 +224,18 @@ def _ort_weights(opts: Int8Options) -> dict[str, Any]:
             "reduce_range": opts.weight_type == "int7"}
 
 
-def quantize_static(src: Path, dst: Path, images: np.ndarray, opts: Int8Options, method: str,
-                    for_tensorrt: bool, batch: int, fp32_ops: list[str] = ()) -> dict[str, Any]:
+def quantize_static(src: Path, dst: Path, images: np.ndarray, opts: QuantOptions, method: str,
+                    for_tensorrt: bool, batch: int, fp32_ops: list[str] = (), mode: str = "int8") -> dict[str, Any]:
     """ONNX Runtime static QDQ quantization of ``src``'s MatMul/Gemm nodes into ``dst``; for TensorRT the
-    result is FP16 outside the Q/DQ except ``fp32_ops``."""
+    result is FP16 outside the Q/DQ except ``fp32_ops``. ``mode`` ``fp8`` quantizes to FLOAT8E4M3FN
+    (per-tensor, TensorRT only)."""
     from onnxruntime.quantization import QuantFormat, QuantType
     from onnxruntime.quantization import quantize_static as ort_static
 
     # Symmetric int8 activations for TensorRT (zero point 0); uint8 activations for ORT's u8s8 CPU kernels.
-    activation = QuantType.QInt8 if for_tensorrt else QuantType.QUInt8
+    fp8 = mode == "fp8"
+    activation = QuantType.QFLOAT8E4M3FN if fp8 else QuantType.QInt8 if for_tensorrt else QuantType.QUInt8
+    weights = {"weight_type": QuantType.QFLOAT8E4M3FN} if fp8 else _ort_weights(opts)
     extra = {"ActivationSymmetric": for_tensorrt, "WeightSymmetric": True}
     if for_tensorrt:  # Q/DQ on MatMul/Gemm inputs only: TensorRT fuses them; outputs stay high precision
         extra["OpTypesToExcludeOutputQuantization"] = list(opts.ops)
@@ -241,20 +247,20 @@ def quantize_static(src: Path, dst: Path, images: np.ndarray, opts: Int8Options,
             with _quiet():
                 ort_static(str(named), str(dst), _Reader(graph.graph.input[0].name, images, batch),
                            quant_format=QuantFormat.QDQ, op_types_to_quantize=opts.ops, nodes_to_quantize=nodes,
-                           per_channel=opts.per_channel, activation_type=activation,
-                           calibrate_method=_ort_calibration_method(method), extra_options=extra,
-                           **_ort_weights(opts))
+                           per_channel=opts.per_channel and not fp8, activation_type=activation,
+                           calibrate_method=_ort_calibration_method("distribution" if fp8 else method),
+                           extra_options=extra, **weights)
         finally:
             for leftover in dst.parent.glob("augmented_model*.onnx"):
                 leftover.unlink()
     if for_tensorrt:
         onnx_export.to_fp16(dst, dst, list(fp32_ops))
-    return {"method": "onnxruntime-static-qdq", "quantized_nodes": len(nodes),
-            "activations": "int8-symmetric" if for_tensorrt else "uint8", "weights": opts.weight_type,
-            "per_channel": opts.per_channel}
+    activations = "fp8-e4m3" if fp8 else "int8-symmetric" if for_tensorrt else "uint8"
+    return {"method": "onnxruntime-static-qdq", "quantized_nodes": len(nodes), "activations": activations,
+            "weights": "fp8-e4m3" if fp8 else opts.weight_type, "per_channel": opts.per_channel and not fp8}
 
 
-def quantize_dynamic(src: Path, dst: Path, opts: Int8Options) -> dict[str, Any]:
+def quantize_dynamic(src: Path, dst: Path, opts: QuantOptions) -> dict[str, Any]:
     """ONNX Runtime dynamic quantization: int8 weights of MatMul/Gemm, activation ranges at run time."""
     from onnxruntime.quantization import quantize_dynamic as ort_dynamic
 
@@ -300,11 +306,11 @@ def _ort_restored() -> Iterator[None]:
                     setattr(owner, name, value)
 
 
-def quantize_modelopt(src: Path, dst: Path, images: np.ndarray, opts: Int8Options, method: str,
-                      fp32_ops: list[str] = ()) -> dict[str, Any]:
-    """nvidia-modelopt ONNX INT8 quantization (TensorRT's Q/DQ placement rules, its MHA pattern when the profile
-    quantizes attention), LayerNorm/Softmax/Add excluded, FP16 outside Q/DQ except ``fp32_ops``; calibration on
-    the CPU."""
+def quantize_modelopt(src: Path, dst: Path, images: np.ndarray, opts: QuantOptions, method: str,
+                      fp32_ops: list[str] = (), mode: str = "int8") -> dict[str, Any]:
+    """nvidia-modelopt ONNX PTQ in ``mode`` ``int8`` or ``fp8`` (TensorRT's Q/DQ placement rules, its MHA pattern
+    when the profile quantizes attention), LayerNorm/Softmax/Add excluded, FP16 outside Q/DQ except ``fp32_ops``;
+    calibration on the CPU."""
     from modelopt.onnx.quantization import quantize
 
     with _named_copy(src, dst) as (named, graph), _quiet(), _ort_restored():
@@ -312,28 +318,11 @@ def quantize_modelopt(src: Path, dst: Path, images: np.ndarray, opts: Int8Option
         # lands on a tensor a LayerNorm, Add or Reshape also reads (the DATA exact form's adapter branches).
         nodes = _exclusive_input_nodes(graph, weight_nodes(graph, opts.ops, opts.quantize_attention_matmuls),
                                        opts.ops)
-        quantize(str(named), quantize_mode="int8", calibration_data=images,
-                 calibration_method="max" if method == "minmax" else "entropy",
+        quantize(str(named), quantize_mode=mode, calibration_data=images,
+                 calibration_method="max" if method == "minmax" or mode == "fp8" else "entropy",
                  op_types_to_quantize=opts.ops, nodes_to_quantize=nodes,
                  op_types_to_exclude=opts.high_precision_ops, op_types_to_exclude_fp16=list(fp32_ops) or None,
                  disable_mha_qdq=not opts.quantize_attention_matmuls, high_precision_dtype="fp16",
                  calibration_eps=["cpu"], log_level="WARNING", output_path=str(dst))
-    quantized = int8_nodes(onnx.load(str(dst), load_external_data=False).graph)
-    return {"method": "modelopt-int8", "quantized_nodes": len(quantized), "per_channel": True}
-
-
-def quantize_graph(src: Path, dst: Path, images: np.ndarray, opts: Int8Options, method: str, runtime: str,
-                   batch: int, fp32_ops: list[str] = ()) -> dict[str, Any]:
-    """Write the INT8 graph ``dst`` from the fp32 ``src`` with the profile's quantizer; returns what ran.
-    TensorRT graphs are FP16 outside their Q/DQ except the op types ``fp32_ops``."""
-    if opts.quantizer == "dynamic":
-        return quantize_dynamic(src, dst, opts)
-    if opts.quantizer == "modelopt":
-        if modelopt_available():
-            return quantize_modelopt(src, dst, images, opts, method, fp32_ops)
-        log.info("nvidia-modelopt is not installed (pip install 'edgevit[quant]'); using ORT static Q/DQ "
-                 "restricted to %s", "/".join(opts.ops))
-    info = quantize_static(src, dst, images, opts, method, runtime == "tensorrt", batch, fp32_ops)
-    if opts.quantizer == "modelopt":
-        info["fallback_from"] = "modelopt"
-    return info
+    quantized = quantized_nodes(onnx.load(str(dst), load_external_data=False).graph)
+    return {"method": f"modelopt-{mode}", "quantized_nodes": len(quantized), "per_channel": mode == "int8"}

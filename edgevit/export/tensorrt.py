@@ -1,11 +1,13 @@
 """TensorRT engines: built on the target with the Python API, refused anywhere else.
 
 ``tensorrt`` is imported lazily (only :func:`build_engine` and :func:`load_engine` need it), so everything
-else in edgevit runs on machines without it. TensorRT 10 and 11 are both handled (:func:`build_plan`):
+else in edgevit runs on machines without it. TensorRT 10 and 11 are both handled (:func:`build_plan`), each major
+only where the profile's version range lists it (:func:`supported_majors`):
 
-- Q/DQ (INT8) graphs build as *strongly typed* networks: precision comes from the graph;
+- Q/DQ (INT8, FP8) graphs build as *strongly typed* networks: precision comes from the graph;
 - fp16 sets the FP16 builder flag on TensorRT 10; TensorRT 11 removed precision flags, so it builds the
-  strongly typed fp16 graph ``model.fp16.onnx`` that fp16 exports also write;
+  strongly typed fp16 graph ``model.fp16.onnx`` that fp16 exports also write, as profiles with
+  ``tensorrt.strongly_typed`` (Jetson Thor) do on TensorRT 10 too;
 - DLA on TensorRT 10 builds weakly typed with INT8 + FP16 flags (the DLA has no fp32) and GPU fallback.
 
 ``engine.json`` records the TensorRT version, GPU name, compute capability and the ONNX hash; an engine
@@ -58,19 +60,31 @@ def build_plan(profile: Profile, deploy_onnx: str, trt_version: str) -> dict[str
         trt_version: e.g. ``10.3.0`` or ``11.0``.
     """
     major = _major(trt_version)
+    weak = major < 11 and not profile.tensorrt.strongly_typed  # TensorRT 10 may still take precision flags
     dla = profile.tensorrt.dla_core is not None
     plan: dict[str, Any] = {"trt_major": major, "onnx": deploy_onnx, "strongly_typed": False, "precision_flags": []}
-    if profile.precision == "int8":
-        if dla and major < 11:
+    if profile.quantized:
+        if dla and weak:
             plan["precision_flags"] = ["int8", "fp16"]
         else:
             plan["strongly_typed"] = True
     elif profile.precision == "fp16":
-        if major < 11:
+        if weak:
             plan["precision_flags"] = ["fp16"]
         else:
             plan.update(onnx=FP16_ONNX, strongly_typed=True)
     return plan
+
+
+def supported_majors(profile: Profile) -> dict[int, str]:
+    """The TensorRT majors (10, 11) the profile's version range lists, each with the lowest version it allows."""
+    lo, hi = profile.tensorrt.version_min, profile.tensorrt.version_max
+    majors = {}
+    for major in (10, 11):
+        version = max(_version_tuple(lo), (major, 0))
+        if version[0] == major and (hi is None or version < _version_tuple(hi)):
+            majors[major] = ".".join(map(str, version))
+    return majors
 
 
 def check_version(profile: Profile, trt_version: str) -> None:
@@ -80,6 +94,21 @@ def check_version(profile: Profile, trt_version: str) -> None:
     if have < _version_tuple(lo) or (hi is not None and have >= _version_tuple(hi)):
         raise EdgeVitError(f"profile {profile.name} needs TensorRT >= {lo}" + (f" and < {hi}" if hi else "")
                            + f"; this machine has {trt_version}")
+
+
+def check_gpu(profile: Profile, gpu: dict[str, str]) -> None:
+    """The GPU is the one the profile is for: a Jetson target's own, or at least a desktop profile's minimum."""
+    from edgevit.export.targets import TARGETS, capability
+
+    target = TARGETS[profile.target]
+    want = profile.tensorrt.compute_capability or target.compute_capability
+    have = gpu["compute_capability"]
+    if want is None:
+        return
+    if (have != want) if target.jetson else (capability(have) < capability(want)):
+        relation = "" if target.jetson else " or newer"
+        raise EdgeVitError(f"profile {profile.name} is for {target.device} (compute capability {want}{relation}); "
+                           f"this GPU is {gpu['gpu_name']} ({have})")
 
 
 def import_tensorrt():
@@ -122,10 +151,12 @@ def build_engine(out_dir: str | Path) -> dict[str, Any]:
     Raises :class:`EdgeVitError` when the profile is not a TensorRT one, when tensorrt is not importable
     (the caller points to ``build_engine.sh``) or when the build fails.
     """
+    from edgevit.export.runtimes import runtime_of
+
     out_dir = Path(out_dir)
     export = read_export(out_dir)
     profile = parse_profile(export["profile"], str(out_dir / EXPORT_JSON))
-    if profile.runtime != "tensorrt":
+    if not runtime_of(profile).builds_engine:
         raise EdgeVitError(f"profile {profile.name} targets {profile.runtime}; there is no engine to build")
     trt = import_tensorrt()
     check_version(profile, trt.__version__)
@@ -134,6 +165,7 @@ def build_engine(out_dir: str | Path) -> dict[str, Any]:
     if not onnx_path.is_file():
         raise EdgeVitError(f"{onnx_path} is missing; re-export with `edgevit export`")
     gpu = gpu_info()
+    check_gpu(profile, gpu)
     started = time.perf_counter()
 
     logger = trt.Logger(trt.Logger.WARNING)

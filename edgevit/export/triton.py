@@ -29,7 +29,6 @@ NAME = "triton"
 REPOSITORY = "triton"
 VERSION = "1"
 LABELS = "labels.txt"
-PLATFORMS = {"tensorrt": ("tensorrt_plan", "model.plan"), "onnxruntime": ("onnxruntime_onnx", "model.onnx")}
 DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "uint8": "TYPE_UINT8"}
 QUEUE_DELAY_US = 100  # how long Triton may hold a request to fill a preferred batch
 
@@ -48,13 +47,17 @@ def _tensor(kind: str, name: str, dtype: str, dims: list[int], extra: str = "") 
 
 def config_pbtxt(export: dict[str, Any], profile: Profile) -> str:
     """The ``config.pbtxt`` of the export described by ``export`` (export.json's contents)."""
-    platform, filename = PLATFORMS[profile.runtime]
+    from edgevit.export.runtimes import runtime_of
+    from edgevit.export.targets import TARGETS
+
+    runtime = runtime_of(profile)
     batch = profile.batch_spec
     inp, out = export["input"], export["output"]
     dynamic = inp["shape"][0] == -1
     cut = 1 if dynamic else 0
     text = (
-        f'name: "{model_name(export)}"\nplatform: "{platform}"\ndefault_model_filename: "{filename}"\n'
+        f'name: "{model_name(export)}"\nplatform: "{runtime.triton_platform}"\n'
+        f'default_model_filename: "{runtime.triton_file}"\n'
         f"max_batch_size: {batch.max if dynamic else 0}\n"
     )
     text += _tensor("input", inp["name"], inp["dtype"], inp["shape"][cut:])
@@ -65,7 +68,7 @@ def config_pbtxt(export: dict[str, Any], profile: Profile) -> str:
             f"dynamic_batching {{\n  preferred_batch_size: [ {', '.join(map(str, sizes))} ]\n"
             f"  max_queue_delay_microseconds: {QUEUE_DELAY_US}\n}}\n"
         )
-    kind = "KIND_CPU" if profile.target == "cpu" else "KIND_GPU"
+    kind = "KIND_GPU" if TARGETS[profile.target].gpu else "KIND_CPU"
     text += f"instance_group [\n  {{\n    count: 1\n    kind: {kind}\n  }}\n]\n"
     return text
 
@@ -81,28 +84,28 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 def emit(out: Path, export: dict[str, Any], profile: Profile, images: np.ndarray) -> dict[str, Any]:
     """Write ``triton/<model>/`` into the export directory ``out``; returns what export.json records."""
+    from edgevit.export.runtimes import runtime_of
+
     del images  # the repository is fully determined by export.json
+    runtime = runtime_of(profile)
     model_dir = out / REPOSITORY / model_name(export)
     (model_dir / VERSION).mkdir(parents=True)
     (model_dir / "config.pbtxt").write_text(config_pbtxt(export, profile))
     (model_dir / LABELS).write_text("".join(f"{c}\n" for c in export["output"]["classes"]))
-    filename = PLATFORMS[profile.runtime][1]
-    if profile.runtime == "onnxruntime":
-        _link_or_copy(out / export["deploy_onnx"], model_dir / VERSION / filename)
-    return {
-        "model": model_name(export),
-        "repository": REPOSITORY,
-        "model_file": f"{VERSION}/{filename}",
-        "model_file_from": export["deploy_onnx"] if profile.runtime == "onnxruntime" else ENGINE,
-    }
+    source = ENGINE if runtime.builds_engine else export["deploy_onnx"]  # an engine is placed when it is built
+    if not runtime.builds_engine:
+        _link_or_copy(out / source, model_dir / VERSION / runtime.triton_file)
+    return {"model": model_name(export), "repository": REPOSITORY, "model_file": f"{VERSION}/{runtime.triton_file}",
+            "model_file_from": source}
 
 
 def place_engine(out_dir: Path) -> Path | None:
-    """After a build: put ``engine.plan`` into the export's Triton repository as ``1/model.plan``."""
+    """After a build: put ``engine.plan`` into the export's Triton repository as the model file its config names."""
     configs = sorted((out_dir / REPOSITORY).glob("*/config.pbtxt"))
     if not configs:  # an export made before edgevit wrote Triton repositories
         return None
-    target = configs[0].parent / VERSION / PLATFORMS["tensorrt"][1]
+    filename = re.search(r'default_model_filename: "([^"]+)"', configs[0].read_text())[1]
+    target = configs[0].parent / VERSION / filename
     target.unlink(missing_ok=True)
     _link_or_copy(out_dir / ENGINE, target)
     return target
