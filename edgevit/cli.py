@@ -158,13 +158,14 @@ def export_cmd(run, profile_name, out, as_json):
     """
     from edgevit.export import export_bundle
     from edgevit.export.gate import describe
+    from edgevit.export.runtimes import RUNTIMES
 
     export = export_bundle(run, profile_name, out)
     p = export["parity"]
     text = (f"wrote {out} ({export['deploy_onnx']}): parity on {p['images']} images max abs diff "
             f"{p['max_abs_diff']:.2e}, top-1 agreement {p['top1_agreement']:.4f}")
     precision = export["profile"]["precision"]
-    if precision in export:  # the low-precision graph's accuracy (for TensorRT: the graph it builds, run by ORT)
+    if precision in export:  # the low-precision graph's accuracy, as its runtime computes it (TensorRT: fake quant)
         q = export[precision]
         text += (f"; {q['graph']} top-1 val {q['fp32_val_top1']:.4f} -> {q[f'{precision}_val_top1']:.4f}, "
                  f"test {q['fp32_test_top1']:.4f} -> {q[f'{precision}_test_top1']:.4f} (fp32 -> {precision})"
@@ -172,7 +173,7 @@ def export_cmd(run, profile_name, out, as_json):
                  f"{describe(q['gate'])}")
     if "precision" in export["graph"]:
         text += f"\nprecision: {export['graph']['precision']['line']}"
-    if export["profile"]["runtime"] == "tensorrt":
+    if RUNTIMES[export["profile"]["runtime"]].builds_engine:
         text += f"\nbuild the engine on the target: edgevit build {out}  (or {out}/build_engine.sh)"
     _emit(export, as_json, text)
 
