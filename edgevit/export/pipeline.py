@@ -123,22 +123,12 @@ def _export_into(tmp: Path, run: Path, model, meta, profile: Profile, cal_images
     # What the graph takes (the profile's ``input``); every image handed to the graph goes through graph_pixels.
     graph_pre = preprocess.recorded(pre, profile.input)
     dims = preprocess.input_dims(pre.channels, pre.size, profile.input)
-
-    raw = tmp / "raw.onnx"
-    onnx_export.export_onnx(model, raw, torch.from_numpy(images[:1]), batch, profile.opset, profile.exporter)
-    slim = onnx_export.simplify(raw, tmp / FP32_ONNX)
-    raw.unlink()
-    reference, adapted = model, None
+    graph_info = _fp32_graph(tmp, model, meta, profile, images[:1])
+    reference = model
     if profile.input != InputSpec():  # parity compares the adapted graph with torch normalising the same pixels
-        adapted = preprocess.adapt_input(tmp / FP32_ONNX, onnx_export.INPUT, pre.mean, pre.std, profile.input)
         reference = preprocess.NormalizedInput(model, pre.mean, pre.std, profile.input)
         images = preprocess.graph_pixels(images, graph_pre)
         cal_images = None if cal_images is None else preprocess.graph_pixels(cal_images, graph_pre)
-    graph = onnx.load(str(tmp / FP32_ONNX))
-    layer_norms = checks.check_layernorm(graph, model, FP32_ONNX)
-    graph_info: dict[str, Any] = {**slim, "layer_norms": layer_norms, "opset": checks.opset_of(graph)}
-    if adapted is not None:
-        graph_info["input"] = adapted
     runtime = runtime_of(profile)
     graph_info |= runtime.fp32_graph(tmp, model, profile)
 
@@ -178,6 +168,20 @@ def _export_into(tmp: Path, run: Path, model, meta, profile: Profile, cal_images
     export["hashes"] = {str(p.relative_to(tmp)): sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
     write_export(tmp, export)
     return export
+
+
+def _fp32_graph(tmp: Path, model, meta, profile: Profile, sample: np.ndarray) -> dict[str, Any]:
+    """Write ``model.onnx`` (exported, onnxslim'ed, taking the profile's input) and return what export.json records
+    of it; its LayerNorms must each stay one op."""
+    raw = tmp / "raw.onnx"
+    onnx_export.export_onnx(model, raw, torch.from_numpy(sample), profile.batch_spec, profile.opset, profile.exporter)
+    info = onnx_export.simplify(raw, tmp / FP32_ONNX)
+    raw.unlink()
+    if profile.input != InputSpec():
+        pre = meta.preprocessing
+        info["input"] = preprocess.adapt_input(tmp / FP32_ONNX, onnx_export.INPUT, pre.mean, pre.std, profile.input)
+    graph = onnx.load(str(tmp / FP32_ONNX))
+    return {**info, "layer_norms": checks.check_layernorm(graph, model, FP32_ONNX), "opset": checks.opset_of(graph)}
 
 
 def _quantize(tmp: Path, meta, profile: Profile, runtime: Runtime, deploy: str, cal_images: np.ndarray | None,

@@ -146,10 +146,11 @@ def gpu_info() -> dict[str, str]:
 
 
 def build_engine(out_dir: str | Path) -> dict[str, Any]:
-    """Build ``engine.plan`` (+ engine.json, engine_inspector.json, the timing cache) in an export directory.
+    """Build ``engine.plan`` (+ engine.json, engine_inspector.json, the timing cache) in an export directory, in
+    Polygraphy's steps: plan -> parse -> configure -> serialize -> record.
 
-    Raises :class:`EdgeVitError` when the profile is not a TensorRT one, when tensorrt is not importable
-    (the caller points to ``build_engine.sh``) or when the build fails.
+    Raises :class:`EdgeVitError` when the profile builds no engine, when tensorrt is not importable (the caller
+    points to ``build_engine.sh``), when this is not the profile's GPU, or when the build fails.
     """
     from edgevit.export.runtimes import runtime_of
 
@@ -167,22 +168,52 @@ def build_engine(out_dir: str | Path) -> dict[str, Any]:
     gpu = gpu_info()
     check_gpu(profile, gpu)
     started = time.perf_counter()
-
     logger = trt.Logger(trt.Logger.WARNING)
+    builder, network = parse_network(trt, logger, onnx_path, plan["strongly_typed"])
+    cache_path = out_dir / profile.tensorrt.timing_cache if profile.tensorrt.timing_cache else None
+    config = builder_config(trt, builder, network, profile, plan, cache_path)
+    engine_bytes = serialize(builder, network, config, onnx_path)
+    _atomic_write(out_dir / ENGINE, engine_bytes)
+    if cache_path:
+        _atomic_write(cache_path, bytes(config.get_timing_cache().serialize()))
+    engine = trt.Runtime(logger).deserialize_cuda_engine(engine_bytes)
+    layers = engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON)
+    _atomic_write(out_dir / INSPECTOR_JSON, layers.encode())
+    info = {"trt_version": trt.__version__, **gpu, "onnx": plan["onnx"], "onnx_sha256": sha256(onnx_path),
+            "deploy_onnx": export["deploy_onnx"], "profile": profile.name, "precision": profile.precision,
+            "strongly_typed": plan["strongly_typed"], "precision_flags": plan["precision_flags"],
+            "batch": profile.batch_spec.model_dump(), "dla_core": profile.tensorrt.dla_core,
+            "engine_sha256": hashlib.sha256(engine_bytes).hexdigest(),
+            "build_seconds": round(time.perf_counter() - started, 2),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    triton_plan = place_engine(out_dir)
+    if triton_plan is not None:
+        info["triton_model_file"] = str(triton_plan.relative_to(out_dir))
+    _atomic_write(out_dir / ENGINE_JSON, (json.dumps(info, indent=2) + "\n").encode())
+    return info
+
+
+def parse_network(trt, logger, onnx_path: Path, strongly_typed: bool):
+    """A builder and the network TensorRT's ONNX parser makes of ``onnx_path`` (strongly typed or not)."""
     builder = trt.Builder(logger)
-    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if plan["strongly_typed"] else 0
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise EdgeVitError(f"TensorRT could not parse {onnx_path.name}: {errors[:300]}")
+    return builder, network
 
+
+def builder_config(trt, builder, network, profile: Profile, plan: dict[str, Any], cache_path: Path | None):
+    """The builder config of ``profile``: workspace, optimisation level, the plan's precision flags (TensorRT 10
+    only), the batch profile, DLA, and the timing cache at ``cache_path`` (reused when it exists)."""
     config = builder.create_builder_config()
     opts = profile.tensorrt
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, opts.workspace_mb << 20)
     config.builder_optimization_level = opts.builder_optimization_level
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
-    for flag in plan["precision_flags"]:  # only ever set on TensorRT 10 (see build_plan)
+    for flag in plan["precision_flags"]:
         config.set_flag(getattr(trt.BuilderFlag, flag.upper()))
     _add_batch_profile(builder, network, config, profile)
     if opts.dla_core is not None:
@@ -193,33 +224,17 @@ def build_engine(out_dir: str | Path) -> dict[str, Any]:
         config.DLA_core = opts.dla_core
         if opts.gpu_fallback:
             config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
-    cache_path = out_dir / opts.timing_cache if opts.timing_cache else None
     cache = config.create_timing_cache(cache_path.read_bytes() if cache_path and cache_path.is_file() else b"")
     config.set_timing_cache(cache, ignore_mismatch=False)
+    return config
 
+
+def serialize(builder, network, config, onnx_path: Path) -> bytes:
+    """The serialized engine (exactly what trtexec --saveEngine writes)."""
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise EdgeVitError(f"TensorRT failed to build an engine from {onnx_path.name} (see the log above)")
-    engine_bytes = bytes(serialized)
-    _atomic_write(out_dir / ENGINE, engine_bytes)
-    if cache_path:
-        _atomic_write(cache_path, bytes(config.get_timing_cache().serialize()))
-    engine = trt.Runtime(logger).deserialize_cuda_engine(engine_bytes)
-    inspector = engine.create_engine_inspector()
-    _atomic_write(out_dir / INSPECTOR_JSON, inspector.get_engine_information(trt.LayerInformationFormat.JSON).encode())
-
-    info = {"trt_version": trt.__version__, **gpu, "onnx": plan["onnx"], "onnx_sha256": sha256(onnx_path),
-            "deploy_onnx": export["deploy_onnx"], "profile": profile.name, "precision": profile.precision,
-            "strongly_typed": plan["strongly_typed"], "precision_flags": plan["precision_flags"],
-            "batch": profile.batch_spec.model_dump(), "dla_core": opts.dla_core,
-            "engine_sha256": hashlib.sha256(engine_bytes).hexdigest(),
-            "build_seconds": round(time.perf_counter() - started, 2),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    triton_plan = place_engine(out_dir)
-    if triton_plan is not None:
-        info["triton_model_file"] = str(triton_plan.relative_to(out_dir))
-    _atomic_write(out_dir / ENGINE_JSON, (json.dumps(info, indent=2) + "\n").encode())
-    return info
+    return bytes(serialized)
 
 
 def _add_batch_profile(builder, network, config, profile: Profile) -> None:
