@@ -327,21 +327,25 @@ def profile_device_cmd(times, tegrastats, artifact, batch, metric, machine, labe
 @click.argument("results", type=click.Path(dir_okay=False))
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Report directory.")
 @click.option("--baseline-label", help="Reference row label in each setting (default: the baseline method).")
+@click.option("--budget-ms", type=click.FloatRange(min=0, min_open=True),
+              help="Also name the most accurate export whose p50 latency is within this budget.")
 @json_option
-def report_cmd(results, out, baseline_label, as_json):
-    """Write report.md, pareto.png, throughput.png (several --batch sizes) and report.json from a results.jsonl.
+def report_cmd(results, out, baseline_label, budget_ms, as_json):
+    """Write report.md, pareto.png, throughput.png (several --batch sizes) and report.json from a results.jsonl:
+    every method against its baseline and its natural references, with a verdict.
 
     \b
     Example:
-      edgevit report results.jsonl -o report/
+      edgevit report results.jsonl -o report/ --budget-ms 1.5
     """
-    from edgevit.bench.report import build_report
+    from edgevit.bench.report import budget_line, build_report
 
-    report = build_report(results, out, baseline_label)
+    report = build_report(results, out, baseline_label, budget_ms)
     n = sum(len(s["rows"]) for s in report["settings"])
     _emit(report, as_json, f"wrote {out}/report.md, report.json" + (", pareto.png" if report["pareto_png"] else "")
           + (", throughput.png" if report["throughput_png"] else "")
-          + f" ({n} rows in {len(report['settings'])} settings)")
+          + f" ({n} rows in {len(report['settings'])} settings)"
+          + "".join(f"\nwithin {budget_ms} ms: {budget_line(c)}" for c in report["budget"]))
 
 
 # --- demo ----------------------------------------------------------------------------------------------------

@@ -201,6 +201,11 @@ def test_train_continual_writes_both_forms(data_run):
     assert c["forms"]["exact"]["final_accuracy"] == c["accuracy"][-1]  # the exact form is the trained model
     assert exact_meta.metrics["exact_max_abs_diff"] < 1e-4  # fp32 rounding on logits of order 10-100
     assert 0.2 < c["final_average_accuracy"] <= 1 and -1 <= c["average_forgetting"] <= 1
+    # the frozen backbone's linear probe on every task's classes at once: the reference DATA must beat
+    probe = merged_meta.metrics["references"]["linear probe"]
+    assert 0 < probe["test_top1"] <= 1 and probe["graph"] == "source"
+    assert merged_meta.metrics["against_references"]["linear probe"].endswith("points") or \
+        merged_meta.metrics["against_references"]["linear probe"].startswith("level")
     from edgevit.train import evaluate
     from edgevit.vit.bundle import DataRef
 
@@ -240,6 +245,29 @@ def test_bundles_load_and_export_without_methods(data_run, tmp_path):
                                          "calibration": profile.calibration.model_copy(update={"samples": 64})})
     int8 = export_bundle(data_run / "exact", profile, tmp_path / "int8")
     assert int8["int8"]["quantized_nodes"] > 0 and "FP32" not in int8["graph"]["precision"]["counts"]
+
+
+def test_classifier_alignment_makes_heads_of_separate_tasks_comparable(digits_bundle_04, tmp_path):
+    """A frozen backbone (the heads-only learner): task-1 heads never saw task 2's classes; re-fitting every head
+    on features sampled from the stored class Gaussians keeps task 1 alive after task 2 (without it the newest
+    task's logits win), and the deployed head is that aligned one."""
+    import copy
+
+    from edgevit.methods.continual import ContinualConfig, ContinualLearner, make_tasks, run_tasks, task_classes
+    from edgevit.vit.model import num_blocks
+
+    vit, meta = load_bundle(digits_bundle_04)
+    classes = task_classes(meta, "digits", None)
+    matrices = {}
+    for align in (0, 256):
+        cfg = ContinualConfig(tasks=2, align=align).resolved(len(classes), num_blocks(vit), vit.embed_dim)
+        tasks = make_tasks("digits", classes, meta.preprocessing, cfg)
+        learner = ContinualLearner(copy.deepcopy(vit), cfg, adapt=lambda v, c: None)  # frozen: no drift
+        measured, _ = run_tasks(learner, tasks, FAST, tmp_path / str(align))
+        matrices[align] = measured["accuracy"]
+        assert (learner.aligned is not None) == (align > 0) and len(learner.class_stats) == (5 if align else 0)
+    assert matrices[256][-1][0] > matrices[0][-1][0] + 0.2  # task 1 after task 2
+    assert torch.equal(learner.head_state()["head.weight"], learner.aligned.weight.detach())
 
 
 def test_mixup_is_refused_before_anything_is_written(digits_bundle_04, tmp_path):

@@ -154,6 +154,7 @@ def test_train_memory_cli_writes_a_loadable_summarized_bundle(digits_bundle, tmp
     assert not (out / "model.safetensors").read_bytes().count(b"writes")  # no training bookkeeping
     test = load_split("digits", "test", meta.preprocessing)
     assert evaluate(model, test) == pytest.approx(meta.metrics["test_top1"], abs=1e-4)
+    assert set(meta.metrics["references"]) == {"plain ViT it started from"}  # the model before its memory
     full = full_memory_model(out)
     assert memory_of(full, 3).slots == 128
     assert evaluate(full, test) == pytest.approx(meta.metrics["full_memory_test_top1"], abs=1e-4)

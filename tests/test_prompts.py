@@ -24,7 +24,8 @@ from edgevit.methods.prompts import (
     merge_prompts,
     zca,
 )
-from edgevit.vit import load_bundle
+from edgevit.train import TrainConfig
+from edgevit.vit import load_bundle, read_meta
 
 DOWNSTREAM = list("56789")
 
@@ -189,6 +190,17 @@ def test_config_errors_are_user_errors():
         PromptConfig(variant="lora").resolved(48, 4)
 
 
+def test_tuning_starts_from_the_probe_of_the_prompted_features(digits_bundle_04, tmp_path):
+    """LP-FT: before any prompt step the head is the logistic regression of the (freshly prompted) features, so
+    zero epochs already score about what the backbone's linear probe scores; a random head scores chance."""
+    from edgevit.methods.prompts import PromptConfig, train_prompts
+
+    out = train_prompts(digits_bundle_04, "digits", tmp_path / "p", PromptConfig(prompts=6, rank=8),
+                        TrainConfig(epochs=0))
+    meta = read_meta(out)
+    assert meta.metrics["val_top1"] >= meta.metrics["references"]["linear probe"]["val_top1"] - 0.1 > 0.4
+
+
 def test_cli_train_prompts_bundle_round_trip_and_burstiness(digits_bundle_04, tmp_path):
     from edgevit.cli import main
 
@@ -205,6 +217,8 @@ def test_cli_train_prompts_bundle_round_trip_and_burstiness(digits_bundle_04, tm
     assert meta.classes == DOWNSTREAM and meta.base.kwargs["num_classes"] == 5
     assert meta.metrics["merge_max_abs_diff"] < 1e-4  # trained prompts, larger logits than the strict test
     assert len(meta.metrics["val_top1_per_epoch"]) == 2
+    probe = meta.metrics["references"]["linear probe"]  # the frozen backbone's probe: what BPT must beat
+    assert 0.2 < probe["test_top1"] <= 1 and "linear probe" in meta.metrics["against_references"]["linear probe"]
     burst = meta.provenance["burstiness"]
     assert len(burst["blocks"]) == len(model.blocks) and burst["mean"]["kurtosis_before"] is not None
     assert not any("factors" in k or "whiten" in k for k in model.state_dict())  # training state stays out

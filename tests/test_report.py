@@ -122,3 +122,36 @@ def test_rows_of_different_tasks_are_never_compared():
     assert sorted(len(rows) for rows in groups.values()) == [1, 2]
     assert {s.task for s in groups} == {"digits", "digits[5,6,7,8,9]"}
     assert any(s.title().endswith("digits[5,6,7,8,9]") for s in groups)
+
+
+def _entry(top1, speedup=None, **references):
+    from edgevit.bench.report import Entry
+
+    return Entry(label="m", method="prompts", top1=top1, p50_ms=1.0, p99_ms=None, throughput_ips=None, gflops=None,
+                 params=None, artifact_mb=None, peak_memory_mb=None, energy_mj_per_image=None, speedup=speedup,
+                 references={name: {"test_top1": t, "graph": g} for name, (t, g) in references.items()})
+
+
+@pytest.mark.parametrize(("entry", "expected"), [
+    (_entry(0.90, probe=(0.903, "source")), ("pays", "probe", -0.3)),  # within the tolerance, same graph
+    (_entry(0.80, probe=(0.90, "source")), ("does not pay here", "probe", -10.0)),
+    (_entry(0.95, 2.0, teacher=(0.97, "source")), ("costs", "teacher", -2.0)),  # 2x faster for 2 points
+    (_entry(0.966, 0.9, plain=(0.969, "source")), ("does not pay here", "plain", -0.3)),  # slower, no gain
+    (_entry(0.98, 0.9, plain=(0.96, "source")), ("costs", "plain", 2.0)),  # slower, more accurate
+    (_entry(0.90, 0.5, probe=(0.95, "same"), full=(0.80, "same")), ("does not pay here", "probe", -5.0)),
+])
+def test_verdict_against_the_most_accurate_reference(entry, expected):
+    from edgevit.bench.report import verdict
+
+    word, name, gap, _ = verdict(entry)
+    assert (word, name) == expected[:2] and gap == pytest.approx(expected[2])
+
+
+def test_budget_names_the_most_accurate_row_within_it(results, tmp_path):
+    out = CliRunner().invoke(main, ["report", str(results), "-o", str(tmp_path / "r"), "--budget-ms", "3.0"])
+    assert out.exit_code == 0, out.output
+    assert "within 3.0 ms: AMD EPYC: skip 1/3, ort fp32, batch 1, 2 CPU threads: top-1 96.20% at 2.900 ms" in out.output
+    budget = json.loads((tmp_path / "r" / "report.json").read_text())["budget"]
+    assert [(b["machine"], b["best"] and b["best"]["label"]) for b in budget] == [
+        ("AMD EPYC", "skip 1/3"), ("Jetson Orin Nano", None)]  # the device rows have no top-1
+    assert "## Most accurate within 3.0 ms" in (tmp_path / "r" / "report.md").read_text()

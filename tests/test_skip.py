@@ -27,7 +27,7 @@ from edgevit.methods.skip import (
     train_skip,
 )
 from edgevit.train import TrainConfig, evaluate
-from edgevit.vit import BundleMeta, apply_surgery, create_vit, load_bundle, save_bundle
+from edgevit.vit import BundleMeta, apply_surgery, create_vit, load_bundle, read_meta, save_bundle
 from edgevit.vit.bundle import BaseArch
 from edgevit.vit.surgery import MlpOnlyBlock
 
@@ -180,6 +180,10 @@ def test_train_skip_writes_a_healed_bundle(digits_bundle, tmp_path):
     test = load_split("digits", "test", meta.preprocessing)
     assert round(evaluate(model, test), 5) == meta.metrics["test_top1"]
     assert 0 <= meta.metrics["before_heal"]["test_top1"] <= 1 and meta.metrics["heal_epochs"] == 1
+    # its reference is the unpruned model itself, measured on the same task
+    unpruned = read_meta(digits_bundle).metrics
+    assert meta.metrics["references"] == {"unpruned model": {"val_top1": unpruned["val_top1"],
+                                                             "test_top1": unpruned["test_top1"], "graph": "source"}}
     buffer = io.BytesIO()
     images = torch.stack([test[i][0] for i in range(8)])
     with warnings.catch_warnings(), torch.no_grad():

@@ -4,6 +4,11 @@
 Rows are compared only within a *setting*: the same machine, backend, precision and batch. In each
 setting the baseline (``--baseline-label``, else the row whose method is ``baseline``) gives every other
 row its speed-up (baseline p50 / row p50) and accuracy change (row top-1 - baseline top-1, points).
+
+Each method is also judged against its natural references, which its bundle records (``metrics.references``: a
+linear probe of the backbone for prompts and continual, the unpruned model for skip, the teacher for transfer, the
+plain model for memory): the reference top-1s are drawn as hollow markers beside the row, and the report ends with
+a verdict per row (:func:`verdict`). ``--budget-ms`` names the most accurate export within a latency budget.
 """
 
 from __future__ import annotations
@@ -59,6 +64,42 @@ class Entry:
     delta_top1_pp: float | None = None
     pareto: bool = False
     baseline: bool = False
+    references: dict | None = None  # name -> {test_top1, graph}, from the bundle
+    verdict: str | None = None
+
+
+# A method pays when it is within this many points of its best reference and no slower; the seed spread of a
+# digits run is about this size.
+VERDICT_TOLERANCE_PP = 0.5
+
+
+def verdict(entry: Entry) -> tuple[str, str, float, float] | None:
+    """``(verdict, reference, gap in points, speed vs the reference)`` of a row with references, or None.
+
+    The reference is the most accurate one. Its speed: 1 when it runs the method's own graph (``graph: same``),
+    the row's speed-up when it runs the source's graph and the setting's baseline is that source, else unknown
+    (taken as 1). One word: *pays* (no slower and no worse than the reference, within the tolerance); *costs* (a
+    trade: faster for an accuracy loss, or more accurate for latency); *does not pay here* (worse and not faster,
+    or slower without being more accurate).
+    """
+    if not entry.references or entry.top1 is None:
+        return None
+    name, ref = max(entry.references.items(), key=lambda kv: kv[1]["test_top1"])
+    gap = round(100 * (entry.top1 - ref["test_top1"]), 2)
+    speed = reference_speed(entry, ref)
+    if speed < 0.97:
+        word = "costs" if gap > VERDICT_TOLERANCE_PP else "does not pay here"
+    elif gap >= -VERDICT_TOLERANCE_PP:
+        word = "pays"
+    else:
+        word = "costs" if speed > 1.03 else "does not pay here"
+    return word, name, gap, speed
+
+
+def reference_speed(entry: Entry, ref: dict) -> float:
+    """How much faster the row runs than its reference: its speed-up when the reference runs the source's graph
+    and the setting's baseline is that source (the methods record the source as the reference), else 1."""
+    return entry.speedup if ref.get("graph") == "source" and entry.speedup else 1.0
 
 
 def machine_name(row: ResultRow) -> str:
@@ -91,8 +132,10 @@ def _find_baseline(rows: Sequence[ResultRow], baseline_label: str | None) -> Res
     return next((r for r in rows if r.method == "baseline"), None)
 
 
-def setting_entries(rows: Sequence[ResultRow], baseline_label: str | None = None) -> list[Entry]:
-    """The table of one setting, sorted by p50, with speed-up, accuracy change and Pareto membership."""
+def setting_entries(rows: Sequence[ResultRow], baseline_label: str | None = None,
+                    references: dict[str, dict] | None = None) -> list[Entry]:
+    """The table of one setting, sorted by p50, with speed-up, accuracy change, Pareto membership, and each row's
+    references (``references``: label -> the bundle's) and verdict."""
     base = _find_baseline(rows, baseline_label)
     entries = []
     for row in rows:
@@ -100,11 +143,14 @@ def setting_entries(rows: Sequence[ResultRow], baseline_label: str | None = None
         entry = Entry(label=row_label(row), method=row.method, top1=row.top1, p50_ms=lat.p50 if lat else None,
                       p99_ms=lat.p99 if lat else None, throughput_ips=row.throughput_ips, gflops=row.gflops,
                       params=row.params, artifact_mb=row.artifact_mb, peak_memory_mb=row.peak_memory_mb,
-                      energy_mj_per_image=row.energy_mj_per_image, baseline=row is base)
+                      energy_mj_per_image=row.energy_mj_per_image, baseline=row is base,
+                      references=(references or {}).get(row_label(row)))
         if base is not None and base.latency_ms and lat:
             entry.speedup = round(base.latency_ms.p50 / lat.p50, 3)
         if base is not None and base.top1 is not None and row.top1 is not None:
             entry.delta_top1_pp = round(100 * (row.top1 - base.top1), 2)
+        judged = verdict(entry)
+        entry.verdict = judged[0] if judged else None
         entries.append(entry)
     plotted = [e for e in entries if e.top1 is not None and e.p50_ms is not None]
     for e, front in zip(plotted, pareto_front([(e.p50_ms, e.top1) for e in plotted]), strict=True):
@@ -147,9 +193,9 @@ def markdown(tables: dict[Setting, list[Entry]], source: str) -> str:
     return "\n".join(lines)
 
 
-def class_metrics(rows: Sequence[ResultRow]) -> dict[str, dict]:
-    """Per label: the bundle's per-class test top-1 and confusion matrix (measured at training time, torch
-    fp32), for the artifacts that are still where they were profiled and carry them."""
+def bundle_metrics(rows: Sequence[ResultRow]) -> dict[str, dict]:
+    """Per label: its bundle's classes and metrics (measured at training time, torch fp32), for the artifacts that
+    are still where they were profiled."""
     from edgevit.bench.backends import open_artifact
 
     found: dict[str, dict] = {}
@@ -161,11 +207,65 @@ def class_metrics(rows: Sequence[ResultRow]) -> dict[str, dict]:
                 meta = open_artifact(path).meta
             except EdgeVitError:
                 continue
-            if "test_per_class_top1" in meta.metrics:
-                found[row_label(row)] = {"classes": meta.classes, "top1": meta.metrics["test_per_class_top1"],
-                                         "confusion": meta.metrics.get("test_confusion")}
+            found[row_label(row)] = {"classes": meta.classes, **meta.metrics}
             break
     return found
+
+
+def class_metrics(per_label: dict[str, dict]) -> dict[str, dict]:
+    """Per label: per-class test top-1 and the confusion matrix, where the bundle has them."""
+    return {label: {"classes": m["classes"], "top1": m["test_per_class_top1"], "confusion": m.get("test_confusion")}
+            for label, m in per_label.items() if "test_per_class_top1" in m}
+
+
+def verdict_markdown(tables: dict[Setting, list[Entry]]) -> list[str]:
+    """The closing table: every row with references, against the most accurate one."""
+    lines = []
+    for setting, entries in tables.items():
+        for e in entries:
+            judged = verdict(e)
+            if judged:
+                word, name, gap, speed = judged
+                lines.append(f"| {e.label} | {setting.title()} | {_fmt(100 * e.top1, '.2f', '%')} | {name} "
+                             f"{_fmt(100 * e.references[name]['test_top1'], '.2f', '%')} | {gap:+.2f} "
+                             f"| {_fmt(speed, '.2f', '×')} | **{word}** |")
+    if not lines:
+        return []
+    return ["## Verdicts", "",
+            f"Each method against its most accurate reference (recorded in its bundle; hollow markers in "
+            f"pareto.png). *pays*: no slower and no more than {VERDICT_TOLERANCE_PP} points less accurate; *costs*: "
+            "a trade (faster for an accuracy loss, or more accurate for latency); *does not pay here*: less accurate "
+            "and not faster, or slower and not more accurate. Speed is "
+            "vs the reference's graph (1× when the reference runs the same graph, or it is not profiled here).",
+            "", "| label | setting | top-1 | reference | Δ (pp) | speed | verdict |",
+            "|---|---|---:|---|---:|---:|---|", *lines, ""]
+
+
+def within_budget(tables: dict[Setting, list[Entry]], budget_ms: float) -> list[dict]:
+    """Per machine and task: the most accurate row whose p50 is within ``budget_ms`` (None when none is)."""
+    best: dict[tuple[str, str], dict | None] = {}
+    for setting, entries in tables.items():
+        key = (setting.machine, setting.task)
+        best.setdefault(key, None)
+        fits = [e for e in entries if e.top1 is not None and e.p50_ms is not None and e.p50_ms <= budget_ms]
+        for e in fits:
+            if best[key] is None or e.top1 > best[key]["top1"]:
+                best[key] = {"label": e.label, "setting": setting.title(), "top1": e.top1, "p50_ms": e.p50_ms}
+    return [{"machine": m, "task": t, "budget_ms": budget_ms, "best": b} for (m, t), b in best.items()]
+
+
+def budget_line(choice: dict) -> str:
+    """``machine (task): label, setting: top-1 at p50`` of one :func:`within_budget` choice."""
+    task = f" ({choice['task']})" if choice["task"] else ""
+    b = choice["best"]
+    found = f"{b['label']}, {b['setting']}: top-1 {100 * b['top1']:.2f}% at {b['p50_ms']:.3f} ms" if b else "none"
+    return f"{choice['machine']}{task}: {found}"
+
+
+def budget_markdown(choices: list[dict]) -> list[str]:
+    if not choices:
+        return []
+    return [f"## Most accurate within {choices[0]['budget_ms']} ms", "", *(f"- {budget_line(c)}" for c in choices), ""]
 
 
 def class_markdown(per_label: dict[str, dict]) -> list[str]:
@@ -225,6 +325,9 @@ def pareto_png(tables: dict[Setting, list[Entry]], path: Path) -> bool:
     handles = [Line2D([], [], marker="D" if m == "baseline" else "o", linestyle="", markersize=9,
                       color=method_colour(m, others), label=m) for m in ordered]
     handles.append(Line2D([], [], color="#444444", linewidth=2, label="Pareto front"))
+    if any(e.references for es in panels.values() for e in es):
+        handles.append(Line2D([], [], marker="o", linestyle="", markersize=8, markerfacecolor="none",
+                              color="#444444", label="reference"))
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 7), frameon=False, fontsize=11,
                bbox_to_anchor=(0.5, 0.0))
     title = "Latency vs accuracy" + (f" on {machines[0]}" if len(machines) == 1 else "")
@@ -241,6 +344,7 @@ def pareto_png(tables: dict[Setting, list[Entry]], path: Path) -> bool:
 def _draw_panel(ax, setting: Setting, entries: list[Entry], name_machine: bool, others: list[str],
                 methods_seen: list[str]) -> None:
     placed: list[tuple[float, float]] = []  # label anchors in axes fractions, to step labels off each other
+    base = next((e for e in entries if e.baseline), None)
     xs_all, ys_all = [e.p50_ms for e in entries], [100 * e.top1 for e in entries]
     span_x, span_y = max(max(xs_all) - min(xs_all), 1e-9), max(max(ys_all) - min(ys_all), 1e-9)
     for e in sorted(entries, key=lambda e: (e.p50_ms, -e.top1)):
@@ -255,10 +359,16 @@ def _draw_panel(ax, setting: Setting, entries: list[Entry], name_machine: bool, 
         placed.append(at)
         ax.annotate(e.label, (e.p50_ms, 100 * e.top1), textcoords="offset points", xytext=(7, 5 + 13 * clashes),
                     fontsize=9, color="#222222" if e.pareto else "#777777")
+        for name, ref in (e.references or {}).items():  # a reference as a hollow marker, at its own latency
+            at = (e.p50_ms * reference_speed(e, ref), 100 * ref["test_top1"])
+            if base is not None and math.isclose(at[0], base.p50_ms, rel_tol=0.01) and at[1] == 100 * base.top1:
+                continue  # the reference is the baseline row itself
+            ax.scatter(*at, s=60, facecolors="none", edgecolors=colour, linewidths=1.4, zorder=3)
+            ax.annotate(name, at, textcoords="offset points", xytext=(7, -11), fontsize=8, color=colour,
+                        style="italic")
     front = sorted((e.p50_ms, 100 * e.top1) for e in entries if e.pareto)
     xs, ys = zip(*front, strict=True)
     ax.step(xs, ys, where="post", color="#444444", linewidth=2, alpha=0.8, zorder=2)
-    base = next((e for e in entries if e.baseline), None)
     if base is not None:
         ax.axhline(100 * base.top1, color="#999999", linestyle=":", linewidth=1, zorder=1)
         ax.axvline(base.p50_ms, color="#999999", linestyle=":", linewidth=1, zorder=1)
@@ -336,7 +446,8 @@ def throughput_png(curves: dict[tuple[str, str], dict[int, float]], path: Path) 
     return True
 
 
-def build_report(results: str | Path, out_dir: str | Path, baseline_label: str | None = None) -> dict:
+def build_report(results: str | Path, out_dir: str | Path, baseline_label: str | None = None,
+                 budget_ms: float | None = None) -> dict:
     """Write report.md, pareto.png and report.json for ``results`` into ``out_dir``; returns report.json's
     content.
 
@@ -344,6 +455,7 @@ def build_report(results: str | Path, out_dir: str | Path, baseline_label: str |
         results: a results.jsonl file (:class:`ResultRow` lines).
         out_dir: the report directory (created).
         baseline_label: the label of the reference row in each setting (default: the ``baseline`` method).
+        budget_ms: also name the most accurate row within this p50 latency, per machine and task.
     """
     from pydantic import ValidationError
 
@@ -360,20 +472,23 @@ def build_report(results: str | Path, out_dir: str | Path, baseline_label: str |
         raise EdgeVitError(f"{results} has no rows")
     if baseline_label and not any(row_label(r) == baseline_label for r in rows):
         raise EdgeVitError(f"no row has label {baseline_label!r} (labels: {sorted({row_label(r) for r in rows})})")
-    tables = {s: setting_entries(rs, baseline_label) for s, rs in group_rows(rows).items()}
+    metrics = bundle_metrics(rows)
+    references = {label: m["references"] for label, m in metrics.items() if m.get("references")}
+    tables = {s: setting_entries(rs, baseline_label, references) for s, rs in group_rows(rows).items()}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    per_class = class_metrics(rows)
-    text = "\n".join([markdown(tables, str(results)), *throughput_markdown(throughput_curves(rows)),
-                      *class_markdown(per_class)])
-    atomic_write_bytes(out / "report.md", text.encode())
-    plotted = pareto_png(tables, out / "pareto.png")
+    per_class = class_metrics(metrics)
     curves = throughput_curves(rows)
-    report = {"source": str(results), "baseline_label": baseline_label, "pareto_png": plotted,
+    budget = within_budget(tables, budget_ms) if budget_ms is not None else []
+    text = "\n".join([markdown(tables, str(results)), *throughput_markdown(curves), *class_markdown(per_class),
+                      *verdict_markdown(tables), *budget_markdown(budget)])
+    atomic_write_bytes(out / "report.md", text.encode())
+    report = {"source": str(results), "baseline_label": baseline_label,
+              "pareto_png": pareto_png(tables, out / "pareto.png"),
               "throughput_png": throughput_png(curves, out / "throughput.png"),
               "throughput_vs_batch": [{"setting": t, "label": label, "images_per_s": c}
                                       for (t, label), c in curves.items()],
               "settings": [{**asdict(s), "rows": [asdict(e) for e in es]} for s, es in tables.items()],
-              "per_class": per_class}
+              "per_class": per_class, "budget": budget}
     atomic_write_json(out / "report.json", report)
     return report

@@ -50,7 +50,7 @@ from edgevit.methods.registry import MethodConfig, Source, register
 from edgevit.settings import setting
 from edgevit.train import TrainConfig, TrainResult, fit
 from edgevit.train.loop import CHECKPOINT, load_checkpoint
-from edgevit.train.run import check_run_dir, finish_run, split_metrics
+from edgevit.train.run import check_run_dir, finish_run, source_reference, split_metrics
 from edgevit.vit import BundleMeta, apply_surgery, load_bundle, read_meta
 from edgevit.vit.bundle import build_model
 from edgevit.vit.memory import MemoryTable, capture_pooled_kv, memory_of, set_memory
@@ -426,6 +426,7 @@ def train_memory(source: str | Path, data: str, out: Path, cfg: MemoryConfig, tr
     meta = task.meta
     meta.surgery = [*meta.surgery, {"op": "memory_table", "block": block, "slots": table.slots, "topk": table.topk}]
     metrics = memory_metrics(task, trainer.model, trainer.table, table, meta)
+    metrics["references"] = source_reference("plain ViT it started from", read_meta(source), meta)
     return finish_run(out, deployed, meta, "memory", cfg, train_cfg, result, metrics, base=str(source))
 
 

@@ -40,6 +40,7 @@ right-multiplied projections (``q = x W_q``), so ``X X~`` are the attention logi
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -56,10 +57,11 @@ from edgevit.errors import EdgeVitError
 from edgevit.methods.registry import MethodConfig, Source, register
 from edgevit.settings import setting
 from edgevit.train import TrainConfig, fit
+from edgevit.train.probe import linear_probe
 from edgevit.train.run import check_run_dir, finish_run, unseen_classes
 from edgevit.vit import BundleMeta, apply_surgery, attention_blocks, block_inputs, load_bundle
 from edgevit.vit.bundle import BaseArch
-from edgevit.vit.model import num_blocks, patch_area, pooled_tokens, query_key_product
+from edgevit.vit.model import num_blocks, patch_area, pooled_features, pooled_tokens, query_key_product
 from edgevit.vit.prompts import prompted_forward, set_prefix_prompts, set_prompt_tokens
 
 PROMPT_OPS = ("prefix_kv", "prompt_tokens")
@@ -76,7 +78,7 @@ class PromptConfig(MethodConfig):
       edgevit train prompts --model runs/base04 --data digits -o runs/bpt --deep
     """
 
-    training: ClassVar[dict] = {"epochs": 20, "lr": 1e-2}
+    training: ClassVar[dict] = {"epochs": 20, "lr": 3e-3}  # from the probe head (LP-FT): 1e-2 disturbs it
 
     prompts: int | None = setting(None, "Prompt tokens per prompted layer (default 50 deep, 100 shallow: the "
                                         "paper's).")
@@ -295,6 +297,10 @@ class PromptedViT(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return prompted_forward(self.vit, images, self.factors(), self.prompted if self.deep else None)
 
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """What the head reads: the pooled features of the prompted backbone."""
+        return prompted_forward(self.vit, images, self.factors(), self.prompted if self.deep else None, True)
+
 
 @torch.no_grad()
 def merge_prompts(tuner: PromptedViT) -> tuple[VisionTransformer, list[dict[str, Any]]]:
@@ -401,7 +407,13 @@ def train_prompts(source: str | Path, data: str, out: Path, cfg: PromptConfig, t
     # checkpoint restores the factors anyway); the report goes into the provenance either way.
     fit_images, probe = whitening_images(train_set, val_set, cfg.whiten_images, train_cfg.seed)
     whitening = measure_whitening(vit, fit_images, cfg.eps, cfg.covariance, probe)
+    test_set = load_split(data, "test", pre, classes)
+    reference = linear_probe(functools.partial(pooled_features, vit.eval()), train_set, val_set, test_set)
     tuner = build_tuner(vit, len(classes), cfg, whitening if cfg.whiten else None, train_cfg.seed)
+    if not resume:  # LP-FT: the head starts as the probe of the prompted features (the checkpoint restores it)
+        start = linear_probe(tuner.eval().features, train_set, val_set, classes=len(classes))
+        tuner.vit.head.weight.data.copy_(start.weight)
+        tuner.vit.head.bias.data.copy_(start.bias)
     description = f"prompts {cfg.variant}-{'deep' if cfg.deep else 'shallow'}"
     result = fit(tuner, load_split(data, "train", pre, classes, augment=train_cfg.augment), train_cfg, out,
                  val_set=val_set, resume=resume, description=description)
@@ -416,5 +428,6 @@ def train_prompts(source: str | Path, data: str, out: Path, cfg: PromptConfig, t
     trainable = sum(p.numel() for n, p in tuner.named_parameters() if p.requires_grad and ".head." not in n)
     metrics = {"val_top1_per_epoch": [round(h["val_top1"], 5) for h in result.history],
                "merge_max_abs_diff": merge_error}
+    metrics["references"] = {"linear probe": {**reference.record(), "graph": "source"}}
     return finish_run(out, merged, out_meta, "prompts", cfg, train_cfg, result, metrics, backbone=str(source),
                       backbone_classes=meta.classes, prompt_params=trainable, burstiness=whitening.report)

@@ -48,8 +48,8 @@ from edgevit.methods.registry import MethodConfig, Source, bundle_report, regist
 from edgevit.settings import setting
 from edgevit.train import TrainConfig, TrainResult, fit, is_main_process
 from edgevit.train.loop import LossFn
-from edgevit.train.run import check_run_dir, finish_run, split_metrics
-from edgevit.vit import BundleMeta, apply_surgery, attention_blocks, load_bundle
+from edgevit.train.run import check_run_dir, finish_run, source_reference, split_metrics
+from edgevit.vit import BundleMeta, apply_surgery, attention_blocks, load_bundle, read_meta
 from edgevit.vit.bundle import atomic_write_json
 from edgevit.vit.model import capture_attention_branches, num_blocks, pooled_tokens
 
@@ -351,7 +351,8 @@ def train_skip(source: str | Path, data: str, out: Path, cfg: SkipConfig, train_
     before = split_metrics(model, meta)
     result = heal(model, teacher, meta, data, out, cfg, train_cfg, resume) if train_cfg.epochs > 0 else None
     metrics = {"before_heal": {k: v for k, v in before.items() if k != "how"}, "base_test_top1": base_test,
-               "removed_blocks": chosen.blocks, "heal_epochs": train_cfg.epochs}
+               "removed_blocks": chosen.blocks, "heal_epochs": train_cfg.epochs,
+               "references": source_reference("unpruned model", read_meta(source), meta)}
     # The settings that rebuild this very graph: blocks = the ones removed, so export.json's settings say what
     # the graph lacks (select: the strategy that chose them, none when they were given).
     resolved = replace(cfg, select=None if cfg.blocks is not None else cfg.strategy, ratio=None, blocks=chosen.blocks)

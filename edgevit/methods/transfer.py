@@ -59,7 +59,7 @@ from edgevit.methods.registry import Source, bundle_report, register
 from edgevit.settings import setting
 from edgevit.train import TrainConfig, evaluate, fit
 from edgevit.train.loop import CHECKPOINT, load_checkpoint
-from edgevit.train.run import check_run_dir, finish_run, split_metrics
+from edgevit.train.run import check_run_dir, finish_run, source_reference, split_metrics
 from edgevit.vit import (
     BundleMeta,
     attention,
@@ -335,8 +335,9 @@ def train_transfer(source: str | Path, data: str, out: Path, cfg: TransferConfig
     model.eval()
     top1, metrics, deploy = (copy_metrics(model, meta, Path(source)) if cfg.mode == "copy"
                              else (None, {}, {"deployable": True}))
-    return finish_run(out, model.student, meta, "transfer", cfg, train_cfg, result,
-                      {"train_images": len(train_set), **metrics}, top1, teacher=str(Path(source).resolve()),
+    metrics = {"train_images": len(train_set), **metrics, "references": source_reference("teacher", teacher_meta, meta)}
+    return finish_run(out, model.student, meta, "transfer", cfg, train_cfg, result, metrics, top1,
+                      teacher=str(Path(source).resolve()),
                       layer_map=[[s, t] for s, t in model.pairs], head_groups=model.groups.tolist(),
                       **deploy)
 

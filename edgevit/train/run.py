@@ -96,10 +96,32 @@ def finish_run(out: Path, model: nn.Module, meta: BundleMeta, method: str, cfg: 
     if result is not None:
         trained = {"epochs": result.epochs, "steps": result.steps, "train_seconds": round(result.seconds, 1)}
     meta.metrics = {**(top1 or split_metrics(model, meta)), **trained, **(metrics or {})}
+    if meta.metrics.get("references"):
+        meta.metrics["against_references"] = against(meta.metrics["test_top1"], meta.metrics["references"])
     augment = result.augment if result is not None else None
     meta.provenance = provenance(method, {**asdict(cfg), **asdict(train_cfg)}, train_cfg.seed, augment=augment,
                                  **extra)
     return save_bundle(out, model, meta)
+
+
+def source_reference(name: str, source: BundleMeta, meta: BundleMeta) -> dict[str, dict[str, Any]]:
+    """The source bundle as the reference ``name`` (``graph: source``: it runs the source's graph), when it was
+    measured on the same task as ``meta``; else none."""
+    if source.data != meta.data or source.classes != meta.classes or "test_top1" not in source.metrics:
+        return {}
+    return {name: {"val_top1": source.metrics.get("val_top1"), "test_top1": source.metrics["test_top1"],
+                   "graph": "source"}}
+
+
+def against(test_top1: float, references: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """One sentence per reference: where the method's test top-1 stands, e.g. "below its linear probe by 9.5
+    points"."""
+    said = {}
+    for name, ref in references.items():
+        gap = round(100 * (test_top1 - ref["test_top1"]), 1)
+        said[name] = (f"level with its {name}" if gap == 0 else
+                      f"{'above' if gap > 0 else 'below'} its {name} by {abs(gap):.1f} points")
+    return said
 
 
 def unseen_classes(meta: BundleMeta, data: str, classes: list[str] | None, purpose: str) -> list[str]:

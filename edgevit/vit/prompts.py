@@ -32,14 +32,16 @@ def drop_prompts(x: torch.Tensor, num_prefix: int, count: int) -> torch.Tensor:
 
 
 def prompted_forward(model: VisionTransformer, images: torch.Tensor, prompts: torch.Tensor,
-                     blocks: Sequence[int] | None) -> torch.Tensor:
-    """``model``'s logits for ``images`` read with prompt tokens (``prompts``: ``layers x m x d``).
+                     blocks: Sequence[int] | None, pre_logits: bool = False) -> torch.Tensor:
+    """``model``'s logits (``pre_logits``: the pooled features its head reads) for ``images`` read with prompt
+    tokens (``prompts``: ``layers x m x d``).
 
     Args:
         model: a plain ViT (no prompt ops).
         images: the batch.
         prompts: one prompt set per prompted block (deep) or one set (shallow).
         blocks: deep: the prompted blocks, ``prompts[i]`` before ``blocks[i]``; None: shallow.
+        pre_logits: return the head's input instead of its output.
     """
     n, m = model.num_prefix_tokens, prompts.shape[1]
     x = embed_tokens(model, images)
@@ -52,7 +54,7 @@ def prompted_forward(model: VisionTransformer, images: torch.Tensor, prompts: to
         if i in layer_of:
             x, carried = insert_prompts(drop_prompts(x, n, carried), prompts[layer_of[i]], n), m
         x = block(x)
-    return model.forward_head(model.norm(drop_prompts(x, n, carried)))
+    return model.forward_head(model.norm(drop_prompts(x, n, carried)), pre_logits=pre_logits)
 
 
 @register("prefix_kv")
