@@ -86,6 +86,8 @@ def main() -> None:
     parser.add_argument("--finetune-lr", type=float, default=5e-4, help="learning rate of finetune and joint")
     parser.add_argument("--ranks", default="4,16")
     parser.add_argument("--components", type=int, default=8)
+    parser.add_argument("--align", type=int, default=1024,
+                        help="features sampled per class for classifier alignment (0: the naive heads)")
     parser.add_argument("--lora-rank", type=int, default=8, help="rank of the lora learner")
     parser.add_argument("--learners", default=",".join(LEARNERS))
     parser.add_argument("--seed", type=int, default=0)
@@ -96,7 +98,7 @@ def main() -> None:
     vit, meta = load_bundle(args.model)
     classes = task_classes(meta, args.data, None)
     base = ContinualConfig(protocol=args.protocol, tasks=args.tasks, ranks=tuple(int(r) for r in args.ranks.split(",")),
-                           components=args.components)
+                           components=args.components, align=args.align)
     base = base.resolved(len(classes), num_blocks(vit), vit.embed_dim)
     tasks = make_tasks(args.data, classes, meta.preprocessing, base, TrainConfig().augment)
     print(f"backbone {args.model} (classes {meta.data.classes}), protocol {args.protocol}, tasks "
