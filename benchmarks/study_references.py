@@ -11,7 +11,7 @@ The data's classes (sorted) split into an upstream half and a downstream half. P
 * memory on ``--fraction`` of the data, from the upstream model, vs the plain model fine-tuned on the same
   images with the same settings (``prepare_task`` + ``fit``: same head, epochs, lr, seed);
 * prompts (BPT deep, merged) on the downstream half vs its linear probe, VPT and full fine-tuning of the same
-  backbone (same epochs; lr 5e-4, since the prompts' 3e-3 breaks a full fine-tune);
+  backbone (same epochs, at the fine-tuning lr 5e-4 of ``study_continual.py``);
 * continual (DATA, class-incremental on the downstream half) vs its linear probe, sequential fine-tuning (the
   lower bound) and joint training on every task at once (the upper bound), both with continual's per-task
   settings at lr 5e-4 (``study_continual.py``'s learners).
@@ -127,12 +127,13 @@ def test_top1(metrics: dict) -> float:
 
 
 def summary(runs: list[dict[str, dict]]) -> list[tuple[str, list[float]]]:
-    """(arm, test top-1 per seed), the cheap references recorded in the bundles included."""
+    """(arm, test top-1 per seed), with the cheap references the methods' bundles record."""
     arms: dict[str, list[float]] = {}
     for rows in runs:
         for arm, metrics in rows.items():
             arms.setdefault(arm, []).append(test_top1(metrics))
-            for ref, record in metrics.get("references", {}).items():
+            references = {} if ":" in arm else metrics.get("references", {})  # a reference's are its method's
+            for ref, record in references.items():
                 arms.setdefault(f"{arm}: {ref}", []).append(record["test_top1"])
     return sorted(arms.items(), key=lambda item: item[0].split(":")[0])
 
