@@ -305,3 +305,27 @@ def test_cli_continual(digits_bundle, digits_bundle_04, tmp_path):
     assert report["tasks"] == ["identity", "invert"] and len(report["accuracy"]) == 2
     assert read_meta(tmp_path / "dom").surgery[0]["op"] == "adapter_scales"
     assert read_meta(tmp_path / "dom" / "merged").surgery == []
+
+
+def test_adapter_paths_train_on_the_first_task_only_by_default(digits_bundle_04):
+    """After the first task the adapters stop training (later tasks train their router components and heads), so
+    the class Gaussians stored for alignment stay true; ``every-task`` keeps them training, as the paper does."""
+    import copy
+
+    from edgevit.methods.continual import ContinualConfig, ContinualLearner, make_tasks, task_classes
+    from edgevit.vit.adapters import ScaledLinear
+    from edgevit.vit.model import num_blocks
+
+    vit, meta = load_bundle(digits_bundle_04)
+    classes = task_classes(meta, "digits", None)
+    for adapters, later in (("first-task", False), ("every-task", True)):
+        cfg = ContinualConfig(tasks=2, adapters=adapters).resolved(len(classes), num_blocks(vit), vit.embed_dim)
+        tasks = make_tasks("digits", classes, meta.preprocessing, cfg)
+        learner = ContinualLearner(copy.deepcopy(vit), cfg)
+        paths = [p for m in learner.modules() if isinstance(m, ScaledLinear) for p in (m.down, m.up)]
+        learner.begin_task(tasks[0])
+        assert paths and all(p.requires_grad for p in paths)
+        learner.begin_task(tasks[1])
+        assert all(p.requires_grad == later for p in paths)
+        routers = [r for r in learner.modules() if hasattr(r, "add_task")]
+        assert routers and all(r.keys[-1].requires_grad for r in routers)  # the new task's components train

@@ -141,6 +141,10 @@ class ContinualConfig(MethodConfig):
     align: int = setting(1024, "Class protocol: after each task, re-fit every seen class's head on this many "
                                "features per class drawn from its stored Gaussian (classifier alignment; 0: off).")
     head_scale: float = setting(16.0, "Logit scale of the cosine task heads.")
+    adapters: Literal["first-task", "every-task"] = setting(
+        "first-task", "Tasks that train the adapter paths: the first only, later ones adding their router "
+                      "components and heads (old classes' features drift ~5x less, so their stored Gaussians stay "
+                      "true), or every task, as the paper trains them.")
 
     def check(self) -> None:
         if len(self.ranks) != 2 or min(self.ranks) < 1:
@@ -373,9 +377,14 @@ class ContinualLearner(nn.Module):
 
     def begin_task(self, task: Task) -> None:
         """Make room for ``task``: its router components and its head (class protocol; the domain protocol
-        shares one head), initialised from the task's class prototypes."""
+        shares one head), initialised from the task's class prototypes. After the first task the adapter paths
+        stop training unless ``cfg.adapters`` is ``every-task``."""
         generator = torch.Generator().manual_seed(self.seed * 1009 + self.tasks_seen)
         device = next(self.vit.parameters()).device
+        if self.tasks_seen and self.cfg.adapters == "first-task":
+            for linear in (m for m in self.vit.modules() if isinstance(m, ScaledLinear)):
+                linear.down.requires_grad_(False)
+                linear.up.requires_grad_(False)
         for router in routers_of(self.vit):
             router.add_task(generator)
         if self.cfg.protocol == "class" or not self.heads:
