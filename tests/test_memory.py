@@ -166,3 +166,19 @@ def test_train_memory_cli_writes_a_loadable_summarized_bundle(digits_bundle, tmp
     assert busy.exit_code == 2 and "not empty" in busy.output
     bad = CliRunner().invoke(main, [*args[:6], "-o", str(tmp_path / "bad"), "--block", "9"])
     assert bad.exit_code == 2 and "out of range" in bad.output
+
+
+def test_a_gate_that_never_left_its_initial_value_is_reported():
+    """With few optimizer steps (10% of a small dataset) the gate cannot move: the bundle then says the memory's
+    share was set by --gate-init, not learned."""
+    from edgevit.methods.memory import MemoryConfig, gate_findings
+
+    table = MemoryTable(3, 8, 16)
+    cfg = MemoryConfig(gate_init=-1.0)
+    with torch.no_grad():
+        table.gate_logit.fill_(-1.0 + 0.01)  # sigmoid moves by ~0.002
+    [finding] = gate_findings(table, cfg, 15)
+    assert "stayed at its initial 0.27" in finding and "15 optimizer steps" in finding
+    with torch.no_grad():
+        table.gate_logit[0] = 0.0  # one head learned to read its memory
+    assert gate_findings(table, cfg, 15) == []

@@ -155,3 +155,12 @@ def test_budget_names_the_most_accurate_row_within_it(results, tmp_path):
     assert [(b["machine"], b["best"] and b["best"]["label"]) for b in budget] == [
         ("AMD EPYC", "skip 1/3"), ("Jetson Orin Nano", None)]  # the device rows have no top-1
     assert "## Most accurate within 3.0 ms" in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_findings_are_listed_under_their_label():
+    from edgevit.bench.report import findings_markdown
+
+    metrics = {"MoViT": {"findings": ["the memory gate stayed at its initial 0.27"]}, "baseline": {"test_top1": 0.9}}
+    assert findings_markdown(metrics) == ["## Findings", "", "- **MoViT**: the memory gate stayed at its initial 0.27",
+                                          ""]
+    assert findings_markdown({"baseline": {"test_top1": 0.9}}) == []

@@ -8,7 +8,8 @@ row its speed-up (baseline p50 / row p50) and accuracy change (row top-1 - basel
 Each method is also judged against its natural references, which its bundle records (``metrics.references``: a
 linear probe of the backbone for prompts and continual, the unpruned model for skip, the teacher for transfer, the
 plain model for memory): the reference top-1s are drawn as hollow markers beside the row, and the report ends with
-a verdict per row (:func:`verdict`). ``--budget-ms`` names the most accurate export within a latency budget.
+a verdict per row (:func:`verdict`), then what the methods recorded about their own runs (``metrics.findings``).
+``--budget-ms`` names the most accurate export within a latency budget.
 """
 
 from __future__ import annotations
@@ -239,6 +240,13 @@ def verdict_markdown(tables: dict[Setting, list[Entry]]) -> list[str]:
             "vs the reference's graph (1× when the reference runs the same graph, or it is not profiled here).",
             "", "| label | setting | top-1 | reference | Δ (pp) | speed | verdict |",
             "|---|---|---:|---|---:|---:|---|", *lines, ""]
+
+
+def findings_markdown(metrics: dict[str, dict]) -> list[str]:
+    """What the methods recorded about their own runs (``metrics.findings``): what a reader needs to read the
+    number right, e.g. a memory gate that never moved from its initial value."""
+    lines = [f"- **{label}**: {finding}" for label, m in metrics.items() for finding in m.get("findings") or []]
+    return ["## Findings", "", *lines, ""] if lines else []
 
 
 def within_budget(tables: dict[Setting, list[Entry]], budget_ms: float) -> list[dict]:
@@ -481,7 +489,7 @@ def build_report(results: str | Path, out_dir: str | Path, baseline_label: str |
     curves = throughput_curves(rows)
     budget = within_budget(tables, budget_ms) if budget_ms is not None else []
     text = "\n".join([markdown(tables, str(results)), *throughput_markdown(curves), *class_markdown(per_class),
-                      *verdict_markdown(tables), *budget_markdown(budget)])
+                      *verdict_markdown(tables), *findings_markdown(metrics), *budget_markdown(budget)])
     atomic_write_bytes(out / "report.md", text.encode())
     report = {"source": str(results), "baseline_label": baseline_label,
               "pareto_png": pareto_png(tables, out / "pareto.png"),

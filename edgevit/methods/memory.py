@@ -57,6 +57,7 @@ from edgevit.vit.memory import MemoryTable, capture_pooled_kv, memory_of, set_me
 from edgevit.vit.model import block_index, num_blocks
 
 FULL_MEMORY_SLOTS = "full_memory_slots"
+GATE_MOVED = 0.01  # a gate closer than this to its initial value was not learned
 
 
 @dataclass
@@ -402,6 +403,17 @@ def memory_metrics(task: MemoryTask, full_model: VisionTransformer, full: Memory
             "gate": [round(g, 4) for g in table.gate().flatten().tolist()]}
 
 
+def gate_findings(table: MemoryTable, cfg: MemoryConfig, steps: int) -> list[str]:
+    """A sentence when the gates did not move from their initial value: then the memory's share of the output is
+    the one ``--gate-init`` set, not one training found (few optimizer steps: small data, few epochs)."""
+    start = torch.sigmoid(torch.tensor(cfg.gate_init)).item()
+    moved = float((table.gate() - start).abs().max())
+    if moved >= GATE_MOVED:
+        return []
+    return [f"the memory gate stayed at its initial {start:.2f} (moved {moved:.3f} in {steps} optimizer steps): the "
+            "memory's share was set by --gate-init, not learned; train longer or on more data"]
+
+
 @register("memory", MemoryConfig, own_loss=True, source=Source(
     "--model", "The bundle to start from (a run directory); its head is replaced if DATA has other classes."))
 def train_memory(source: str | Path, data: str, out: Path, cfg: MemoryConfig, train_cfg: TrainConfig,
@@ -427,6 +439,7 @@ def train_memory(source: str | Path, data: str, out: Path, cfg: MemoryConfig, tr
     meta.surgery = [*meta.surgery, {"op": "memory_table", "block": block, "slots": table.slots, "topk": table.topk}]
     metrics = memory_metrics(task, trainer.model, trainer.table, table, meta)
     metrics["references"] = source_reference("plain ViT it started from", read_meta(source), meta)
+    metrics["findings"] = gate_findings(table, cfg, result.steps)
     return finish_run(out, deployed, meta, "memory", cfg, train_cfg, result, metrics, base=str(source))
 
 
