@@ -48,6 +48,8 @@ FINETUNE_LR = 5e-4
 
 
 class Study:
+    """One seed's arms, trained under ``--work``/seed<N>/<arm>."""
+
     def __init__(self, args: argparse.Namespace, seed: int) -> None:
         self.data, self.work, self.seed, self.fraction = args.data, args.work / f"seed{seed}", seed, args.fraction
         self.arch = {"img_size": args.img_size, "patch_size": args.patch_size, "embed_dim": 96, "depth": 6, "heads": 3}
@@ -55,8 +57,8 @@ class Study:
         self.upstream, self.downstream = classes[:len(classes) // 2], classes[len(classes) // 2:]
         self.methods = discover()
 
-    def train(self, arm: str, method: str, source, settings: dict | None = None, training: dict | None = None
-              ) -> dict:
+    def train(self, arm: str, method: str, source: str | Path, settings: dict | None = None,
+              training: dict | None = None) -> dict:
         """The bundle metrics of ``method`` trained as ``arm`` (read back when it exists)."""
         out = self.work / arm
         if not (out / "bundle.json").exists():
@@ -120,7 +122,8 @@ class Study:
         return rows
 
 
-def test_top1(metrics: dict) -> float:
+def score(metrics: dict) -> float:
+    """Test top-1, or a continual run's final average accuracy over its tasks."""
     if "continual" in metrics:
         return metrics["continual"]["final_average_accuracy"]
     return metrics["test_top1"]
@@ -131,7 +134,7 @@ def summary(runs: list[dict[str, dict]]) -> list[tuple[str, list[float]]]:
     arms: dict[str, list[float]] = {}
     for rows in runs:
         for arm, metrics in rows.items():
-            arms.setdefault(arm, []).append(test_top1(metrics))
+            arms.setdefault(arm, []).append(score(metrics))
             references = {} if ":" in arm else metrics.get("references", {})  # a reference's are its method's
             for ref, record in references.items():
                 arms.setdefault(f"{arm}: {ref}", []).append(record["test_top1"])
