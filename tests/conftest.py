@@ -54,6 +54,15 @@ def digits_bundle_04(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def cpu_fp32_export(digits_bundle, tmp_path_factory):
+    """``digits_bundle`` exported with the shipped ``cpu-ort-fp32`` profile: (directory, export.json). Read-only."""
+    from edgevit.export import export_bundle
+
+    out = tmp_path_factory.mktemp("exports") / "cpu-fp32"
+    return out, export_bundle(digits_bundle, "cpu-ort-fp32", out)
+
+
+@pytest.fixture(scope="session")
 def orin_int8_export(digits_bundle, tmp_path_factory):
     """``digits_bundle`` exported with the shipped ``jetson-orin-nano-int8`` profile: (directory, export.json)."""
     from edgevit.export import export_bundle

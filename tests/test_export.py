@@ -40,10 +40,9 @@ def leftovers(parent: Path) -> list[str]:
     return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
 
 
-@pytest.fixture(scope="module")
-def fp32_export(digits_bundle, tmp_path_factory):
-    out = tmp_path_factory.mktemp("exports") / "cpu-fp32"
-    return out, export_bundle(digits_bundle, "cpu-ort-fp32", out)
+@pytest.fixture
+def fp32_export(cpu_fp32_export):
+    return cpu_fp32_export
 
 
 def test_cpu_fp32_export_passes_parity_on_real_images(fp32_export, digits_bundle):

@@ -197,10 +197,9 @@ def test_labels_are_one_line_for_the_single_output_layer():
         deepstream.labels_txt(["m3;m4", "nut"])
 
 
-@pytest.fixture(scope="module")
-def ort_export(digits_bundle, tmp_path_factory):
-    out = tmp_path_factory.mktemp("line") / "ort"
-    return out, export_bundle(digits_bundle, "cpu-ort-fp32", out)
+@pytest.fixture
+def ort_export(cpu_fp32_export):
+    return cpu_fp32_export
 
 
 @pytest.fixture(scope="module")

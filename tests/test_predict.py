@@ -13,15 +13,12 @@ from PIL import Image
 from edgevit import Predictor
 from edgevit.cli import main
 from edgevit.data import load_ref
-from edgevit.export import export_bundle
 from edgevit.vit import read_meta
 
 
 @pytest.fixture(scope="module")
-def digits_export(digits_bundle, tmp_path_factory):
-    out = tmp_path_factory.mktemp("predict") / "cpu-fp32"
-    export_bundle(digits_bundle, "cpu-ort-fp32", out)
-    return out
+def digits_export(cpu_fp32_export):
+    return cpu_fp32_export[0]
 
 
 @pytest.fixture(scope="module")

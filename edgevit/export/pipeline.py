@@ -172,7 +172,7 @@ def _export_into(tmp: Path, run: Path, model, meta, profile: Profile, cal_images
 
 def _fp32_graph(tmp: Path, model, meta, profile: Profile, sample: np.ndarray) -> dict[str, Any]:
     """Write ``model.onnx`` (exported, onnxslim'ed, taking the profile's input) and return what export.json records
-    of it; its LayerNorms must each stay one op."""
+    of it; its LayerNorms must each stay one op, and a ``standard_ops_only`` runtime's graph has no contrib op."""
     raw = tmp / "raw.onnx"
     onnx_export.export_onnx(model, raw, torch.from_numpy(sample), profile.batch_spec, profile.opset, profile.exporter)
     info = onnx_export.simplify(raw, tmp / FP32_ONNX)
@@ -181,7 +181,10 @@ def _fp32_graph(tmp: Path, model, meta, profile: Profile, sample: np.ndarray) ->
         pre = meta.preprocessing
         info["input"] = preprocess.adapt_input(tmp / FP32_ONNX, onnx_export.INPUT, pre.mean, pre.std, profile.input)
     graph = onnx.load(str(tmp / FP32_ONNX))
-    return {**info, "layer_norms": checks.check_layernorm(graph, model, FP32_ONNX), "opset": checks.opset_of(graph)}
+    layer_norms = checks.check_layernorm(graph, model, FP32_ONNX)
+    if runtime_of(profile).standard_ops_only:
+        checks.check_standard_ops(graph, FP32_ONNX)
+    return {**info, "layer_norms": layer_norms, "opset": checks.opset_of(graph)}
 
 
 def _quantize(tmp: Path, meta, profile: Profile, runtime: Runtime, deploy: str, cal_images: np.ndarray | None,

@@ -18,12 +18,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from edgevit.errors import EdgeVitError
+from edgevit.export.artifacts import QUANTIZED_ONNX
 from edgevit.export.targets import TARGETS
 from edgevit.resources import shipped_dir
 
 PROFILE_DIR = "export_profiles"
 PROFILE_ENV = "EDGEVIT_PROFILES"
-QUANTIZED = ("int8", "fp8")  # precisions whose graph carries Q/DQ (a calibrated quantizer writes it)
+QUANTIZED = tuple(QUANTIZED_ONNX)  # precisions whose graph carries Q/DQ (a calibrated quantizer writes it)
 
 
 class _Strict(BaseModel):

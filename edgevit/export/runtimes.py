@@ -4,8 +4,8 @@ A :class:`Runtime` says what it can do (its precisions and quantizers, whether i
 its Triton platform, whether DeepStream runs it, its CPU/GPU placement) and does the runtime-specific steps of an
 export, which :func:`edgevit.export.pipeline.export_bundle` calls in this order:
 
-- :meth:`Runtime.fp32_graph`: check or rewrite ``model.onnx`` before parity (TensorRT: standard ops only;
-  ONNX Runtime: its fused ``com.microsoft`` kernels);
+- :meth:`Runtime.fp32_graph`: rewrite ``model.onnx`` before parity (ONNX Runtime: its fused ``com.microsoft``
+  kernels; a ``standard_ops_only`` runtime gets it checked for contrib-domain ops instead);
 - :meth:`Runtime.quantize`: write the INT8/FP8 graph with the runtime's quantizer and check it fits;
 - :meth:`Runtime.low_precision`: a low-precision graph that is not quantized (TensorRT FP16);
 - :meth:`Runtime.device_graph`: what ONNX Runtime runs on the CPU to measure a low-precision graph's accuracy
@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from edgevit import cpu
 from edgevit.errors import EdgeVitError
+from edgevit.export import targets
 from edgevit.export.artifacts import FP16_ONNX, FP32_ONNX, SCRIPT
 
 if TYPE_CHECKING:
@@ -185,20 +186,10 @@ class TensorRT(Runtime):
     min_opset = 17  # LayerNormalization as one op
 
     def refusal(self, profile: Profile) -> str | None:
-        from edgevit.export.targets import refusal
-
         if profile.quant.weight_type != "int8":
             return (f"{profile.precision}.weight_type {profile.quant.weight_type} is for ONNX Runtime's CPU kernels; "
                     "tensorrt takes int8")
-        return super().refusal(profile) or refusal(profile)
-
-    def fp32_graph(self, out: Path, model: nn.Module, profile: Profile) -> dict[str, Any]:
-        import onnx
-
-        from edgevit.export import checks
-
-        checks.check_standard_ops(onnx.load(str(out / FP32_ONNX)), FP32_ONNX)
-        return {}
+        return super().refusal(profile) or targets.refusal(profile)
 
     def quantize(self, out: Path, deploy: str, images: np.ndarray | None, profile: Profile) -> dict[str, Any]:
         """ModelOpt's ONNX PTQ (edgevit's own Q/DQ placer where it is not installed), FP16 outside the Q/DQ; the Q/DQ
@@ -262,7 +253,7 @@ class TensorRT(Runtime):
         typed = FP16_ONNX if profile.precision == "fp16" else deploy
         graph = onnx.load(str(out / typed))
         checks.check_layernorm(graph, model, typed)
-        report = precision.precision_report(graph, profile.tensorrt.compute_capability or _target_gpu(profile))
+        report = precision.precision_report(graph, targets.compute_capability(profile))
         problem = precision.check_precision(report, profile.precision, profile.tensorrt.fp32_ops)
         if problem:
             raise EdgeVitError(
@@ -276,8 +267,3 @@ def _calibration_batch(profile: Profile) -> int:
     batch = profile.batch_spec
     return max(batch.opt, 8) if batch.dynamic else batch.max
 
-
-def _target_gpu(profile: Profile) -> str | None:
-    from edgevit.export.targets import TARGETS
-
-    return TARGETS[profile.target].compute_capability

@@ -65,6 +65,11 @@ def capability(value: str) -> tuple[int, ...]:
     return tuple(int(p) for p in value.split("."))
 
 
+def compute_capability(profile: Profile) -> str | None:
+    """The GPU a profile is for: its own ``tensorrt.compute_capability``, else its target's (None: any)."""
+    return profile.tensorrt.compute_capability or TARGETS[profile.target].compute_capability
+
+
 def refusal(profile: Profile) -> str | None:
     """Why ``profile`` asks its target for something the target does not have, or None."""
     target = TARGETS[profile.target]
@@ -74,7 +79,7 @@ def refusal(profile: Profile) -> str | None:
     if target.compute_capability and trt.compute_capability not in (None, target.compute_capability):
         return (f"tensorrt.compute_capability {trt.compute_capability} is not {target.name}'s GPU "
                 f"({target.compute_capability}); leave it out")
-    have = trt.compute_capability or target.compute_capability
+    have = compute_capability(profile)
     if profile.precision == "fp8" and (have is None or capability(have) < FP8_CAPABILITY):
         gpu = f"{target.name} is {have}" if have else "set tensorrt.compute_capability to the GPU's"
         return (f"precision fp8 needs FP8 tensor cores (compute capability 8.9+: Ada, Hopper, Blackwell, "

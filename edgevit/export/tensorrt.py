@@ -98,10 +98,10 @@ def check_version(profile: Profile, trt_version: str) -> None:
 
 def check_gpu(profile: Profile, gpu: dict[str, str]) -> None:
     """The GPU is the one the profile is for: a Jetson target's own, or at least a desktop profile's minimum."""
-    from edgevit.export.targets import TARGETS, capability
+    from edgevit.export.targets import TARGETS, capability, compute_capability
 
     target = TARGETS[profile.target]
-    want = profile.tensorrt.compute_capability or target.compute_capability
+    want = compute_capability(profile)
     have = gpu["compute_capability"]
     if want is None:
         return

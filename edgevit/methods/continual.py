@@ -78,7 +78,7 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
-from torch.utils.data import ConcatDataset, DataLoader, Dataset
+from torch.utils.data import ConcatDataset, Dataset
 
 from edgevit.data import augmentation, calibration_batch, data_ref, load_split
 from edgevit.errors import EdgeVitError
@@ -405,13 +405,16 @@ class ContinualLearner(nn.Module):
         was_training = self.training
         self.eval()
         lo, hi = task.labels
-        device = next(self.vit.parameters()).device
-        sums = torch.zeros(hi - lo, self.vit.embed_dim)
-        for images, labels in DataLoader(task.splits["train"], batch_size=256):
-            features = pooled_features(self.vit, images.to(device))
-            sums.index_add_(0, labels - lo, F.normalize(features, dim=-1).cpu())
+        features, labels = self.features(task)
+        sums = torch.zeros(hi - lo, self.vit.embed_dim).index_add_(0, torch.from_numpy(labels) - lo,
+                                                                   F.normalize(torch.from_numpy(features), dim=-1))
         self.train(was_training)
         return F.normalize(sums, dim=-1)
+
+    def features(self, task: Task) -> tuple[np.ndarray, np.ndarray]:
+        """Pooled features of ``task``'s training images under the current model, and their labels."""
+        return probe_features(functools.partial(pooled_features, self.vit), task.splits["train"],
+                              device=next(self.vit.parameters()).device)
 
     @torch.no_grad()
     def end_task(self, task: Task) -> None:
@@ -424,7 +427,7 @@ class ContinualLearner(nn.Module):
             return
         was_training = self.training
         self.eval()
-        features, labels = probe_features(functools.partial(pooled_features, self.vit), task.splits["train"])
+        features, labels = self.features(task)
         for c in range(*task.labels):
             mine = torch.from_numpy(features[labels == c]).double()
             self.class_stats.append((mine.mean(0), torch.cov(mine.T)))

@@ -393,10 +393,8 @@ def summarized(full_model: VisionTransformer, block: int, task: MemoryTask, cfg:
     return with_table(full_model, block, table)
 
 
-def memory_metrics(task: MemoryTask, full_model: VisionTransformer, full: MemoryTable, table: MemoryTable,
-                   meta: BundleMeta) -> dict:
-    """The full memory's top-1s and sizes next to the deployed table's."""
-    full_top1 = split_metrics(full_model, meta)
+def memory_metrics(task: MemoryTask, full_top1: dict, full: MemoryTable, table: MemoryTable) -> dict:
+    """The full memory's top-1s (``split_metrics`` of the full model) and sizes next to the deployed table's."""
     return {"train_images": len(task.train_set), FULL_MEMORY_SLOTS: full.slots,
             "full_memory_val_top1": full_top1["val_top1"], "full_memory_test_top1": full_top1["test_top1"],
             "table_bytes": table.table_bytes(), "full_memory_bytes": full.table_bytes(),
@@ -437,10 +435,12 @@ def train_memory(source: str | Path, data: str, out: Path, cfg: MemoryConfig, tr
     table = memory_of(deployed, block)
     meta = task.meta
     meta.surgery = [*meta.surgery, {"op": "memory_table", "block": block, "slots": table.slots, "topk": table.topk}]
-    metrics = memory_metrics(task, trainer.model, trainer.table, table, meta)
+    full_top1 = split_metrics(trainer.model, meta)
+    metrics = memory_metrics(task, full_top1, trainer.table, table)
     metrics["references"] = source_reference("plain ViT it started from", read_meta(source), meta)
     metrics["findings"] = gate_findings(table, cfg, result.steps)
-    return finish_run(out, deployed, meta, "memory", cfg, train_cfg, result, metrics, base=str(source))
+    return finish_run(out, deployed, meta, "memory", cfg, train_cfg, result, metrics,
+                      top1=full_top1 if deployed is trainer.model else None, base=str(source))
 
 
 def full_memory_model(run_dir: str | Path) -> VisionTransformer:

@@ -48,11 +48,13 @@ class Probe:
 
 
 @torch.no_grad()
-def features(encode: Encoder, dataset: Dataset, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """``encode``'s features of every image of ``dataset`` and their labels (labels as the dataset numbers them)."""
+def features(encode: Encoder, dataset: Dataset, batch_size: int = 256,
+             device: torch.device | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``encode``'s features of every image of ``dataset`` (moved to ``device`` when given: the encoder's) and their
+    labels (labels as the dataset numbers them)."""
     xs, ys = [], []
     for images, labels in DataLoader(dataset, batch_size=batch_size):
-        xs.append(encode(images).float().cpu())
+        xs.append(encode(images if device is None else images.to(device)).float().cpu())
         ys.append(labels)
     return torch.cat(xs).numpy(), torch.cat(ys).numpy()
 
@@ -84,13 +86,13 @@ def logistic(x: np.ndarray, y: np.ndarray, c: float, classes: int | None = None)
     from sklearn.linear_model import LogisticRegression
 
     fitted = LogisticRegression(C=c, max_iter=3000).fit(x, y)
-    coef, offset = fitted.coef_, np.broadcast_to(fitted.intercept_, (len(fitted.coef_),))
+    coef, offset = fitted.coef_, fitted.intercept_  # (1, d) and (1,) for two classes, else (K, d) and (K,)
     if len(fitted.classes_) == 2:  # scikit-learn fits one logit for two classes: softmax([0, z]) = sigmoid(z)
         coef, offset = np.vstack([np.zeros_like(coef), coef]), np.concatenate([[0.0], offset])
     rows = classes or int(y.max()) + 1
     weight, bias = torch.zeros(rows, x.shape[1]), torch.full((rows,), -1e4)
     weight[fitted.classes_] = torch.from_numpy(coef).float()
-    bias[fitted.classes_] = torch.from_numpy(np.asarray(offset)).float()
+    bias[fitted.classes_] = torch.from_numpy(offset).float()
     return weight, bias
 
 

@@ -20,10 +20,11 @@ from edgevit.vit.model import attention, embed_tokens, num_blocks
 from edgevit.vit.surgery import register
 
 
-def insert_prompts(x: torch.Tensor, prompts: torch.Tensor, num_prefix: int) -> torch.Tensor:
-    """``prompts`` (``m x d``, or ``1 x m x d``) inserted after the first ``num_prefix`` tokens of ``x``."""
+def insert_prompts(x: torch.Tensor, prompts: torch.Tensor, num_prefix: int, replace: int = 0) -> torch.Tensor:
+    """``prompts`` (``m x d``, or ``1 x m x d``) inserted after the first ``num_prefix`` tokens of ``x``, in place of
+    the ``replace`` tokens there (the previous block's prompts)."""
     prompts = prompts.expand(x.shape[0], -1, -1).to(x.dtype)
-    return torch.cat([x[:, :num_prefix], prompts, x[:, num_prefix:]], dim=1)
+    return torch.cat([x[:, :num_prefix], prompts, x[:, num_prefix + replace:]], dim=1)
 
 
 def drop_prompts(x: torch.Tensor, num_prefix: int, count: int) -> torch.Tensor:
@@ -52,7 +53,7 @@ def prompted_forward(model: VisionTransformer, images: torch.Tensor, prompts: to
     layer_of = {b: i for i, b in enumerate(blocks or [])}
     for i, block in enumerate(model.blocks):
         if i in layer_of:
-            x, carried = insert_prompts(drop_prompts(x, n, carried), prompts[layer_of[i]], n), m
+            x, carried = insert_prompts(x, prompts[layer_of[i]], n, carried), m
         x = block(x)
     return model.forward_head(model.norm(drop_prompts(x, n, carried)), pre_logits=pre_logits)
 
