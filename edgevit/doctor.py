@@ -94,7 +94,7 @@ def jetson() -> dict[str, Any] | None:
 def _can_export(profile, found: dict) -> tuple[bool, str]:
     if not found["onnx"]["installed"] or not found["onnxruntime"]["installed"]:
         return False, "needs onnx and onnxruntime (parity is checked on the CPU)"
-    if profile.precision == "int8" and profile.int8.quantizer == "modelopt" and not found["modelopt"]["installed"]:
+    if profile.quantized and profile.quant.quantizer == "modelopt" and not found["modelopt"]["installed"]:
         return True, "nvidia-modelopt not installed: edgevit's own Q/DQ placer runs (pip install 'edgevit[quant]')"
     return True, ""
 

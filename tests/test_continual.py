@@ -329,3 +329,22 @@ def test_adapter_paths_train_on_the_first_task_only_by_default(digits_bundle_04)
         assert all(p.requires_grad == later for p in paths)
         routers = [r for r in learner.modules() if isinstance(r, TaskRouter)]
         assert routers and all(r.keys[-1].requires_grad for r in routers)  # the new task's components train
+
+
+def test_adapter_params_count_the_adapters_and_routers_not_the_heads(data_run, digits_bundle_04):
+    """The recorded count is what DATA adds to the backbone (both adapter paths and every task's router rows),
+    whether or not a path still trained in the last task; the fitted aligned head is not part of it."""
+    from edgevit.methods.continual import ContinualConfig, ContinualLearner, make_tasks, task_classes
+    from edgevit.vit.adapters import ScaledLinear, routers_of
+    from edgevit.vit.model import num_blocks
+
+    vit, meta = load_bundle(digits_bundle_04)
+    classes = task_classes(meta, "digits", None)
+    cfg = ContinualConfig(tasks=2).resolved(len(classes), num_blocks(vit), vit.embed_dim)
+    learner = ContinualLearner(vit, cfg)
+    for task in make_tasks("digits", classes, meta.preprocessing, cfg):
+        learner.begin_task(task)
+    adapters = sum(m.down.numel() + m.up.numel() for m in learner.modules() if isinstance(m, ScaledLinear))
+    routers = sum(p.numel() for r in routers_of(learner.vit) for p in r.parameters())
+    assert adapters > 0 and routers > 0
+    assert read_meta(data_run).provenance["adapter_params"] == adapters + routers

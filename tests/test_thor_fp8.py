@@ -100,3 +100,20 @@ def test_doctor_names_thor_and_its_jetpack(tmp_path, monkeypatch):
     release.write_text("# R36 (release), REVISION: 4.3, GCID: 1\n")  # JetPack 6.2: too old for Thor profiles
     rows = {r["name"]: r for r in doctor.diagnose()["profiles"]}
     assert rows["jetson-thor-fp8"]["build_note"] == "jetson-thor-fp8 needs JetPack 7.0+; this Jetson has 6.2"
+
+
+def test_fp8_gate_reads_the_fp8_tolerance(digits_bundle, tmp_path, monkeypatch):
+    """A quantized graph is judged by its own section's max_top1_drop (fp8:), not the FP16 one (tensorrt:)."""
+    import yaml
+
+    from edgevit.export import gate
+    from edgevit.export.profiles import find_yaml
+
+    data = yaml.safe_load(find_yaml("jetson-thor-fp8", "export_profiles", "EDGEVIT_PROFILES", "profile").read_text())
+    data["fp8"] = {**data.get("fp8", {}), "max_top1_drop": 0.5}
+    data["tensorrt"] = {**data.get("tensorrt", {}), "max_top1_drop": 0.01}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(data))
+    tolerances, paired_gate = [], gate.paired_gate
+    monkeypatch.setattr(gate, "paired_gate", lambda a, b, tol: tolerances.append(tol) or paired_gate(a, b, tol))
+    export_bundle(digits_bundle, tmp_path / "p.yaml", tmp_path / "out")
+    assert tolerances == [0.5]

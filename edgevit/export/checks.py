@@ -141,7 +141,7 @@ def low_precision_accuracy(out: Path, meta: BundleMeta, profile: Profile, graph:
     the tolerance with the gate's confidence fails the export; test top-1 is recorded, never used to decide.
     """
     label = profile.precision
-    max_drop = profile.int8.max_top1_drop if label == "int8" else profile.tensorrt.max_top1_drop
+    max_drop = profile.quant.max_top1_drop if profile.quantized else profile.tensorrt.max_top1_drop
     eval_batch = 64 if profile.batch_spec.dynamic else profile.batch_spec.max
     graph_pre = preprocess.recorded(meta.preprocessing, profile.input)
     device_graph = runtime.device_graph(out / graph)
@@ -174,7 +174,7 @@ def low_precision_accuracy(out: Path, meta: BundleMeta, profile: Profile, graph:
         log.warning("the %s gate rests on %d images, %.1f%% of which flip: it detects drops of %.1f%% or more",
                     label.upper(), len(fp32), 100 * np.mean(fp32 != low), 100 * result["gate"]["detectable_drop"])
     if not result["gate"]["passed"]:
-        hint = "; try more calibration samples or another calibration method" if label == "int8" else ""
+        hint = "; try more calibration samples or another calibration method" if profile.quantized else ""
         raise EdgeVitError(f"{label.upper()} {graph} loses accuracy beyond the profile's {max_drop:.3g}: "
                            f"{gate.describe(result['gate'])}{hint}")
     return result

@@ -106,7 +106,7 @@ class TensorRTOptions(_Strict):
     # fp16/int8 export with FP32 compute beyond these fails.
     fp32_ops: list[str] = Field(default_factory=list)
     max_top1_drop: float = Field(0.01, ge=0, le=1, description="fp16 graph vs FP32 val top-1 drop that fails "
-                                 "the export (INT8 graphs: int8.max_top1_drop)")
+                                 "the export (quantized graphs: int8/fp8.max_top1_drop)")
 
 
 class DeepStreamOptions(_Strict):

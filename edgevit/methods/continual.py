@@ -436,9 +436,9 @@ class ContinualLearner(nn.Module):
         labels = np.repeat(np.arange(len(sampled)), self.cfg.align)
         weight, bias = logistic(torch.cat(sampled).float().numpy(), labels, ALIGN_C)
         device = next(self.vit.parameters()).device
-        self.aligned = nn.Linear(weight.shape[1], weight.shape[0]).to(device)
-        self.aligned.weight.data.copy_(weight)
-        self.aligned.bias.data.copy_(bias)
+        self.aligned = nn.Linear(weight.shape[1], weight.shape[0]).requires_grad_(False).to(device)  # fitted
+        self.aligned.weight.copy_(weight)
+        self.aligned.bias.copy_(bias)
         self.train(was_training)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -642,7 +642,8 @@ def train_continual(source: str | Path, data: str, out: Path, cfg: ContinualConf
     metrics = form_metrics(learner, forms, tasks, measured, calibration, cfg)
     metrics["references"] = {"linear probe": {**probe.record(), "graph": "source", "note": "frozen backbone, "
                                               "one head fitted on every task's data at once"}}
-    trainable = sum(p.numel() for n, p in learner.named_parameters() if p.requires_grad and not n.startswith("heads"))
+    adapted = [p for m in learner.vit.modules() if isinstance(m, ScaledLinear) for p in (m.down, m.up)]
+    trainable = sum(p.numel() for p in [*adapted, *(p for r in routers_of(learner.vit) for p in r.parameters())])
     for name, (model, surgery) in forms.items():
         meta_out = BundleMeta(base=BaseArch(name=meta.base.name, kwargs={**meta.base.kwargs,
                                                                           "num_classes": model.num_classes}),
