@@ -25,6 +25,7 @@ from edgevit.bench.latency import TimingConfig, ort_session, rotation_inputs, ti
 from edgevit.bench.schema import machine_info
 from edgevit.methods.prompts import PromptConfig, build_tuner, merge_prompts
 from edgevit.vit import create_vit
+from edgevit.vit.model import num_tokens
 
 
 def export(model: torch.nn.Module, path: Path, image: torch.Tensor) -> Path:
@@ -51,7 +52,7 @@ def main() -> None:
     vit = create_vit(args.model).eval()
     vit.load_state_dict(plain.state_dict())
     blocks = len(vit.blocks)
-    cfg = PromptConfig(deep=True, variant="vpt", prompts=args.prompts).resolved(vit.embed_dim, blocks)
+    cfg = PromptConfig(deep=True, variant="vpt", prompts=args.prompts).resolved(vit.embed_dim, blocks, num_tokens(vit))
     tokens = build_tuner(vit, plain.num_classes, cfg, None, seed=0).eval()
     merged, _ = merge_prompts(tokens)
     with torch.no_grad():

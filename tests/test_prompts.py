@@ -26,6 +26,7 @@ from edgevit.methods.prompts import (
 )
 from edgevit.train import TrainConfig
 from edgevit.vit import load_bundle, read_meta
+from edgevit.vit.model import num_tokens
 
 DOWNSTREAM = list("56789")
 
@@ -42,7 +43,7 @@ def _tuner(bundle, images, **cfg):
     vit, _ = load_bundle(bundle)
     config = PromptConfig(**cfg)
     whitening = measure_whitening(vit, images, config.eps)
-    resolved = config.resolved(vit.embed_dim, len(whitening.blocks) if config.deep else 1)
+    resolved = config.resolved(vit.embed_dim, len(whitening.blocks) if config.deep else 1, num_tokens(vit))
     tuner = build_tuner(vit, len(DOWNSTREAM), resolved, whitening if resolved.whiten else None, seed=0)
     with torch.no_grad():  # prompts as large as trained ones, so the merge check has something to match
         tuner.factors.A.mul_(50.0)
@@ -114,7 +115,7 @@ def test_merge_is_exact_with_qk_norm_pre_norm_and_average_pooling(deep, arch):
     torch.manual_seed(0)
     vit = create_vit("vit_tiny_patch16_224", img_size=16, patch_size=4, embed_dim=48, depth=2, num_heads=3,
                      **arch).eval()
-    cfg = PromptConfig(deep=deep, variant="vpt", prompts=5).resolved(48, 2 if deep else 1)
+    cfg = PromptConfig(deep=deep, variant="vpt", prompts=5).resolved(48, 2 if deep else 1, 17)
     tuner = build_tuner(vit, 4, cfg, None, seed=0).eval()
     with torch.no_grad():
         for module in tuner.vit.modules():  # LayerNorms away from identity, so a skipped norm would show
@@ -154,7 +155,7 @@ def test_zca_whitens_and_validates_eps():
     w_low, checks_low = zca(torch.randn(8, 3), eps=0.1)
     assert torch.isfinite(w_low).all() and checks_low["effective_rank"] <= 3
     with pytest.raises(EdgeVitError, match="eps"):
-        PromptConfig(eps=0.0).resolved(48, 4)
+        PromptConfig(eps=0.0).resolved(48, 4, 17)
 
 
 def test_heavy_tail_separates_gaussian_from_bursty():
@@ -179,15 +180,24 @@ def test_downstream_split_refuses_the_backbones_classes(digits_bundle_04):
         downstream_classes(meta_all, "digits", None)
 
 
+def test_default_prompt_count_is_the_papers_but_never_more_than_the_tokens():
+    """50 deep / 100 shallow on ViT-B at 224 px (197 tokens); a 17-token model gets 17; a given count is kept."""
+    assert PromptConfig().resolved(768, 12, 197).prompts == 50
+    assert PromptConfig(deep=False).resolved(768, 1, 197).prompts == 100
+    assert PromptConfig().resolved(96, 6, 17).prompts == 17
+    assert PromptConfig(deep=False).resolved(96, 1, 17).prompts == 17
+    assert PromptConfig(prompts=64).resolved(96, 6, 17).prompts == 64
+
+
 def test_config_errors_are_user_errors():
     with pytest.raises(EdgeVitError, match="plain prompts"):
-        PromptConfig(variant="vpt", whiten=True).resolved(48, 4)
+        PromptConfig(variant="vpt", whiten=True).resolved(48, 4, 17)
     with pytest.raises(EdgeVitError, match="whitened by definition"):
-        PromptConfig(variant="fwhiten", whiten=False).resolved(48, 4)
+        PromptConfig(variant="fwhiten", whiten=False).resolved(48, 4, 17)
     with pytest.raises(EdgeVitError, match="rank"):
-        PromptConfig(rank=49).resolved(48, 4)
+        PromptConfig(rank=49).resolved(48, 4, 17)
     with pytest.raises(EdgeVitError, match="variant"):
-        PromptConfig(variant="lora").resolved(48, 4)
+        PromptConfig(variant="lora").resolved(48, 4, 17)
 
 
 def test_tuning_starts_from_the_probe_of_the_prompted_features(digits_bundle_04, tmp_path):
