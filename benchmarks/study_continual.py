@@ -33,10 +33,12 @@ from torch import nn
 
 from edgevit.data import calibration_batch
 from edgevit.methods.continual import (
+    FINETUNE_LR,
     ContinualConfig,
     ContinualLearner,
     data_adapters,
     deployable_forms,
+    finetune,
     joint_task,
     make_tasks,
     run_tasks,
@@ -61,11 +63,6 @@ def lora(rank: int) -> Adapt:
     return adapt
 
 
-def finetune(vit: VisionTransformer, cfg: ContinualConfig) -> None:
-    """Every backbone weight trains."""
-    vit.requires_grad_(True)
-
-
 def heads_only(vit: VisionTransformer, cfg: ContinualConfig) -> None:
     """The backbone stays frozen: only the task heads train."""
 
@@ -83,7 +80,8 @@ def main() -> None:
     parser.add_argument("--tasks", type=int)
     parser.add_argument("--epochs", type=int, default=10, help="epochs per task")
     parser.add_argument("--lr", type=float, default=3e-3, help="adapter/LoRA/head learning rate")
-    parser.add_argument("--finetune-lr", type=float, default=5e-4, help="learning rate of finetune and joint")
+    parser.add_argument("--finetune-lr", type=float, default=FINETUNE_LR,
+                        help="learning rate of finetune and joint")
     parser.add_argument("--ranks", default="4,16")
     parser.add_argument("--components", type=int, default=8)
     parser.add_argument("--align", type=int, default=1024,

@@ -13,8 +13,7 @@ The data's classes (sorted) split into an upstream half and a downstream half. P
 * prompts (BPT deep, merged) on the downstream half vs its linear probe, VPT and full fine-tuning of the same
   backbone (same epochs, at the fine-tuning lr 5e-4 of ``study_continual.py``);
 * continual (DATA, class-incremental on the downstream half) vs its linear probe, sequential fine-tuning (the
-  lower bound) and joint training on every task at once (the upper bound), both with continual's per-task
-  settings at lr 5e-4 (``study_continual.py``'s learners).
+  lower bound) and joint training on every task at once (the upper bound): ``train continual --bounds``.
 
 Runs are kept under ``--work`` (a finished arm is read back, not retrained). Prints test top-1 per arm and seed,
 the mean and spread, and DATA's accuracy matrices; ``--json`` writes everything. On digits (16 px) and on a
@@ -27,24 +26,19 @@ folder of photographs (``photo_folder.py``; 32 px, patch 8: the same 16 tokens):
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 from pathlib import Path
 
-from study_continual import finetune
-
 from edgevit.data import classifier_classes
-from edgevit.methods.continual import ContinualConfig, ContinualLearner, joint_task, make_tasks, run_tasks
+from edgevit.methods.continual import FINETUNE_LR
 from edgevit.methods.memory import prepare_task
 from edgevit.methods.registry import discover
 from edgevit.train import fit
 from edgevit.train.run import split_metrics
-from edgevit.vit import load_bundle, read_meta
-from edgevit.vit.model import num_blocks
+from edgevit.vit import read_meta
 
 STUDENT = {"embed_dim": 64, "depth": 4, "heads": 2}
-FINETUNE_LR = 5e-4
 
 
 class Study:
@@ -81,8 +75,7 @@ class Study:
         rows["prompts"] = self.train("prompts", "prompts", up)
         rows["prompts: VPT"] = self.train("vpt", "prompts", up, {"variant": "vpt"})
         rows["prompts: full fine-tune"] = self.full_finetune(up)
-        rows["continual"] = self.train("continual", "continual", up)
-        rows.update(self.continual_bounds(up))
+        rows["continual"] = self.train("continual", "continual", up, {"bounds": True})
         return rows
 
     def memory(self, up: Path) -> dict[str, dict]:
@@ -103,23 +96,6 @@ class Study:
         epochs = self.methods["prompts"].train_config().epochs
         return self.train("full-finetune", "baseline", "vit_tiny_patch16_224", settings,
                           {"epochs": epochs, "lr": FINETUNE_LR})
-
-    def continual_bounds(self, up: Path) -> dict[str, dict]:
-        out = self.work / "continual-bounds.json"
-        if out.exists():
-            return json.loads(out.read_text())
-        vit, meta = load_bundle(up)
-        cfg = ContinualConfig().resolved(len(self.downstream), num_blocks(vit), vit.embed_dim)
-        train_cfg = self.methods["continual"].train_config(seed=self.seed, lr=FINETUNE_LR)
-        tasks = make_tasks(self.data, self.downstream, meta.preprocessing, cfg, train_cfg.augment)
-        rows = {}
-        for name, sequence, evaluate_on in (("sequential", tasks, None), ("joint", [joint_task(tasks)], tasks)):
-            learner = ContinualLearner(copy.deepcopy(vit), cfg, self.seed, finetune)
-            measured, _ = run_tasks(learner, sequence, train_cfg, self.work / f"continual-{name}",
-                                    evaluate_on=evaluate_on)
-            rows[f"continual: {name}"] = {"continual": measured}
-        out.write_text(json.dumps(rows))
-        return rows
 
 
 def score(metrics: dict) -> float:
@@ -159,9 +135,10 @@ def main() -> None:
               f"{' '.join(f'{v:.4f}' for v in values)} |")
     print("\nDATA accuracy matrices (rows: after each task; columns: tasks) and average forgetting:")
     for seed, rows in zip(args.seeds.split(","), runs, strict=True):
-        for arm in ("continual", "continual: sequential"):
-            c = rows[arm]["continual"]
-            print(f"  seed {seed} {arm}: {c['accuracy']} forgetting {c['average_forgetting']}")
+        data = rows["continual"]
+        for arm, c in (("DATA", data["continual"]), *data["references"].items()):
+            if "accuracy" in c:
+                print(f"  seed {seed} {arm}: {c['accuracy']} forgetting {c['average_forgetting']}")
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "runs": runs}))
 

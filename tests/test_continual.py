@@ -189,7 +189,7 @@ def data_run(digits_bundle_04, tmp_path_factory):
     from edgevit.methods.continual import ContinualConfig, train_continual
 
     out = tmp_path_factory.mktemp("continual") / "data"
-    return train_continual(digits_bundle_04, "digits", out, ContinualConfig(tasks=2), FAST)
+    return train_continual(digits_bundle_04, "digits", out, ContinualConfig(tasks=2, bounds=True), FAST)
 
 
 def test_train_continual_writes_both_forms(data_run):
@@ -218,6 +218,20 @@ def test_train_continual_writes_both_forms(data_run):
         rows = [i for i, y in enumerate(task2.targets) if y >= 2]
         subset = torch.utils.data.Subset(task2, rows)
         assert evaluate(model, subset) == pytest.approx(c["forms"][form]["final_accuracy"][1], abs=1e-4)
+
+
+def test_bounds_are_recorded_as_references(data_run):
+    """--bounds: sequential fine-tuning (lower) and joint training (upper) beside the probe (upper), scored like the
+    method (every task's test images at once), with their accuracy matrices."""
+    metrics = read_meta(data_run).metrics
+    refs = metrics["references"]
+    sequential, joint = refs["sequential fine-tuning"], refs["joint training"]
+    assert [r["bound"] for r in (sequential, joint, refs["linear probe"])] == ["lower", "upper", "upper"]
+    assert [len(row) for row in sequential["accuracy"]] == [1, 2] and [len(row) for row in joint["accuracy"]] == [2]
+    assert joint["average_forgetting"] == 0.0  # one step: nothing to forget
+    assert all(0 < r["test_top1"] <= 1 and r["graph"] == "source" for r in refs.values())
+    assert "(lower bound)" in metrics["against_references"]["sequential fine-tuning"]
+    assert (data_run / "sequential" / "task1").is_dir() and (data_run / "joint" / "task0").is_dir()
 
 
 @pytest.mark.slow
@@ -283,7 +297,7 @@ def test_resume_replays_finished_tasks(data_run, digits_bundle_04):
     from edgevit.methods.continual import ContinualConfig, train_continual
 
     before = read_meta(data_run).metrics["continual"]
-    train_continual(digits_bundle_04, "digits", data_run, ContinualConfig(tasks=2), FAST, resume=True)
+    train_continual(digits_bundle_04, "digits", data_run, ContinualConfig(tasks=2, bounds=True), FAST, resume=True)
     after = read_meta(data_run).metrics["continual"]
     assert after["accuracy"] == before["accuracy"] and after["forms"] == before["forms"]
     assert [h["steps"] for h in read_meta(data_run).metrics["history"]] == \

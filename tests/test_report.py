@@ -129,7 +129,8 @@ def _entry(top1, speedup=None, **references):
 
     return Entry(label="m", method="prompts", top1=top1, p50_ms=1.0, p99_ms=None, throughput_ips=None, gflops=None,
                  params=None, artifact_mb=None, peak_memory_mb=None, energy_mj_per_image=None, speedup=speedup,
-                 references={name: {"test_top1": t, "graph": g} for name, (t, g) in references.items()})
+                 references={name: {"test_top1": t, "graph": g, **({"bound": b[0]} if b else {})}
+                             for name, (t, g, *b) in references.items()})
 
 
 @pytest.mark.parametrize(("entry", "expected"), [
@@ -139,6 +140,10 @@ def _entry(top1, speedup=None, **references):
     (_entry(0.966, 0.9, plain=(0.969, "source")), ("does not pay here", "plain", -0.3)),  # slower, no gain
     (_entry(0.98, 0.9, plain=(0.96, "source")), ("costs", "plain", 2.0)),  # slower, more accurate
     (_entry(0.90, 0.5, probe=(0.95, "same"), full=(0.80, "same")), ("does not pay here", "probe", -5.0)),
+    # a continual learner: judged against its lower bound, not what trains on every task at once, unless alone
+    (_entry(0.66, 1.0, sequential=(0.48, "source", "lower"), joint=(0.95, "source", "upper")),
+     ("pays", "sequential", 18.0)),
+    (_entry(0.66, 1.0, probe=(0.90, "source", "upper")), ("does not pay here", "probe", -24.0)),
 ])
 def test_verdict_against_the_most_accurate_reference(entry, expected):
     from edgevit.bench.report import verdict

@@ -32,8 +32,10 @@ Ours:
 * Heads (not in the paper, whose LLM reuses its vocabulary): cosine classifiers, each new one started at
   its classes' mean feature direction (:meth:`ContinualLearner.prototypes`); see the protocols below.
 
-Baselines (sequential LoRA, full fine-tuning, heads only, joint training) are built from these pieces in
-``benchmarks/study_continual.py`` (:class:`ContinualLearner`'s ``adapt`` argument).
+``--bounds`` also trains the two references every continual learner sits between, recorded in the bundle:
+sequential fine-tuning (the lower bound) and joint training on every task at once (the upper bound). More
+baselines (sequential LoRA, heads only) are built from these pieces in ``benchmarks/study_continual.py``
+(:class:`ContinualLearner`'s ``adapt`` argument).
 
 Protocols (the backbone must not have seen the tasks' labels):
 
@@ -65,6 +67,7 @@ earlier accuracy minus the final one).
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import math
@@ -107,6 +110,8 @@ from edgevit.vit.model import num_blocks, pooled_features
 log = logging.getLogger("edgevit")
 
 ALIGN_C = 10.0  # the aligned head's logistic regression (no old-task images are kept to choose it on)
+# The bounds fine-tune the whole backbone: at the adapters' 3e-3 it falls apart (benchmarks/study_continual.py).
+FINETUNE_LR = 5e-4
 DOMAINS = ("identity", "invert", "rot90", "hflip", "noise")
 NOISE_STD = 0.3  # of the [0, 1] pixel range
 
@@ -141,6 +146,10 @@ class ContinualConfig(MethodConfig):
     align: int = setting(1024, "Class protocol: after each task, re-fit every seen class's head on this many "
                                "features per class drawn from its stored Gaussian (classifier alignment; 0: off).")
     head_scale: float = setting(16.0, "Logit scale of the cosine task heads.")
+    bounds: bool = setting(False, "Also train the references a continual learner sits between, on the same tasks "
+                                  "with the same heads and epochs (whole backbone at lr 5e-4): sequential "
+                                  "fine-tuning (the lower bound) and joint training on every task at once (the "
+                                  "upper bound).", flag="--bounds/--no-bounds")
     adapters: Literal["first-task", "every-task"] = setting(
         "first-task", "Tasks that train the adapter paths: the first only, later ones adding their router "
                       "components and heads (old classes' features drift ~5x less, so their stored Gaussians stay "
@@ -532,6 +541,32 @@ def run_tasks(learner: ContinualLearner, tasks: Sequence[Task], train_cfg: Train
     return {"accuracy": accuracy, "history": history, **continual_metrics(accuracy)}, total
 
 
+def finetune(vit: VisionTransformer, cfg: ContinualConfig) -> None:
+    """The bounds' learner: every backbone weight trains."""
+    vit.requires_grad_(True)
+
+
+def train_bounds(vit: VisionTransformer, tasks: Sequence[Task], cfg: ContinualConfig, train_cfg: TrainConfig,
+                 out: Path, resume: bool = False) -> dict[str, dict[str, Any]]:
+    """Sequential fine-tuning (lower bound) and joint training (upper bound) of ``vit`` (not modified) on
+    ``tasks``, at :data:`FINETUNE_LR`; checkpoints in ``out/sequential`` and ``out/joint``.
+
+    Returns:
+        reference records: test top-1 on every task's test images at once (as the method's own test top-1), the
+        accuracy matrix and its metrics, and ``bound``.
+    """
+    train_cfg = replace(train_cfg, lr=FINETUNE_LR)
+    everything = joint_task(tasks)
+    references = {}
+    for name, bound, sequence, evaluate_on in (("sequential fine-tuning", "lower", tasks, None),
+                                               ("joint training", "upper", [everything], tasks)):
+        learner = ContinualLearner(copy.deepcopy(vit), cfg, train_cfg.seed, finetune)
+        measured, _ = run_tasks(learner, sequence, train_cfg, out / name.split()[0], resume, evaluate_on)
+        references[name] = {"test_top1": round(evaluate(learner, everything.splits["test"]), 5), "graph": "source",
+                            "bound": bound, **{k: v for k, v in measured.items() if k != "history"}}
+    return references
+
+
 # ----------------------------------------------------------------------------------------------- deploying
 
 
@@ -633,6 +668,7 @@ def train_continual(source: str | Path, data: str, out: Path, cfg: ContinualConf
     tasks = make_tasks(data, classes, meta.preprocessing, cfg, train_cfg.augment)
     joint = joint_task(tasks).splits
     probe = linear_probe(functools.partial(pooled_features, vit.eval()), joint["train"], joint["val"], joint["test"])
+    bounds = train_bounds(vit, tasks, cfg, train_cfg, out, resume) if cfg.bounds else {}
     learner = ContinualLearner(vit, cfg, train_cfg.seed)
     measured, result = run_tasks(learner, tasks, train_cfg, out, resume)
     learner.cpu().eval()
@@ -640,8 +676,9 @@ def train_continual(source: str | Path, data: str, out: Path, cfg: ContinualConf
                                                train_cfg.seed) for t in tasks])
     forms = deployable_forms(learner, meta, calibration)
     metrics = form_metrics(learner, forms, tasks, measured, calibration, cfg)
-    metrics["references"] = {"linear probe": {**probe.record(), "graph": "source", "note": "frozen backbone, "
-                                              "one head fitted on every task's data at once"}}
+    metrics["references"] = {"linear probe": {**probe.record(), "graph": "source", "bound": "upper",
+                                              "note": "frozen backbone, one head fitted on every task's data at "
+                                                      "once"}, **bounds}
     adapted = [p for m in learner.vit.modules() if isinstance(m, ScaledLinear) for p in (m.down, m.up)]
     trainable = sum(p.numel() for p in [*adapted, *(p for r in routers_of(learner.vit) for p in r.parameters())])
     for name, (model, surgery) in forms.items():

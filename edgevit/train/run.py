@@ -119,8 +119,9 @@ def against(test_top1: float, references: dict[str, dict[str, Any]]) -> dict[str
     said = {}
     for name, ref in references.items():
         gap = round(100 * (test_top1 - ref["test_top1"]), 1)
-        said[name] = (f"level with its {name}" if gap == 0 else
-                      f"{'above' if gap > 0 else 'below'} its {name} by {abs(gap):.1f} points")
+        what = f"{name} ({ref['bound']} bound)" if ref.get("bound") else name
+        said[name] = (f"level with its {what}" if gap == 0 else
+                      f"{'above' if gap > 0 else 'below'} its {what} by {abs(gap):.1f} points")
     return said
 
 
