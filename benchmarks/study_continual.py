@@ -39,6 +39,7 @@ from edgevit.methods.continual import (
     data_adapters,
     deployable_forms,
     finetune,
+    frozen,
     joint_task,
     make_tasks,
     run_tasks,
@@ -63,13 +64,9 @@ def lora(rank: int) -> Adapt:
     return adapt
 
 
-def heads_only(vit: VisionTransformer, cfg: ContinualConfig) -> None:
-    """The backbone stays frozen: only the task heads train."""
-
-
 def adapter(name: str, lora_rank: int) -> Adapt:
     return {"data": data_adapters, "lora": lora(lora_rank), "finetune": finetune, "joint": finetune,
-            "head": heads_only}[name]
+            "head": frozen}[name]
 
 
 def main() -> None:
@@ -79,7 +76,8 @@ def main() -> None:
     parser.add_argument("--protocol", default="class", choices=("class", "domain"))
     parser.add_argument("--tasks", type=int)
     parser.add_argument("--epochs", type=int, default=10, help="epochs per task")
-    parser.add_argument("--lr", type=float, default=3e-3, help="adapter/LoRA/head learning rate")
+    parser.add_argument("--lr", type=float, default=ContinualConfig.training["lr"],
+                        help="adapter/LoRA/head learning rate")
     parser.add_argument("--finetune-lr", type=float, default=FINETUNE_LR,
                         help="learning rate of finetune and joint")
     parser.add_argument("--ranks", default="4,16")

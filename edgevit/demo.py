@@ -3,9 +3,10 @@
 Trains the baseline and the five methods, exports every result for the CPU (fp32 and int8) and prepares
 the baseline's Jetson Orin Nano int8 export (ONNX + build script, the device path), profiles all CPU exports
 with ONNX Runtime and writes the latency-vs-accuracy report, where each method stands next to its natural
-reference (recorded by the method: the teacher, the unpruned model, the plain model, a linear probe of the
-backbone, and for DATA sequential fine-tuning and joint training, the bounds it sits between) with a verdict. Digits are read at 16 px (their own resolution is 8 px): as accurate as 32 px for
-these models, and 3x faster to train, so the demo fits in about five minutes on a 2-core CPU.
+references (recorded by the method: the teacher, the unpruned model, the plain model, a linear probe of the
+backbone; for DATA also the frozen backbone as a continual learner, and sequential fine-tuning and joint training,
+the bounds it sits between) with a verdict. Digits are read at 16 px (their own resolution is 8 px): as accurate
+as 32 px for these models, and 3x faster to train, so the demo fits in about five minutes on a 2-core CPU.
 
 Each step records a hash of its inputs (its settings and the files it reads) in ``DIR/demo.json``: re-running
 skips the steps whose inputs are unchanged, resumes a training that was killed, and redoes a step whose upstream

@@ -220,14 +220,19 @@ def test_train_continual_writes_both_forms(data_run):
         assert evaluate(model, subset) == pytest.approx(c["forms"][form]["final_accuracy"][1], abs=1e-4)
 
 
-def test_bounds_are_recorded_as_references(data_run):
-    """--bounds: sequential fine-tuning (lower) and joint training (upper) beside the probe (upper), scored like the
-    method (every task's test images at once), with their accuracy matrices."""
+def test_references_with_bounds(data_run):
+    """The frozen backbone as a continual learner, and with --bounds sequential fine-tuning (lower) and joint training
+    (upper), beside the probe (upper): scored like the method (every task's test images at once), with their
+    accuracy matrices."""
     metrics = read_meta(data_run).metrics
     refs = metrics["references"]
-    sequential, joint = refs["sequential fine-tuning"], refs["joint training"]
-    assert [r["bound"] for r in (sequential, joint, refs["linear probe"])] == ["lower", "upper", "upper"]
-    assert [len(row) for row in sequential["accuracy"]] == [1, 2] and [len(row) for row in joint["accuracy"]] == [2]
+    frozen, sequential, joint = refs["frozen backbone"], refs["sequential fine-tuning"], refs["joint training"]
+    assert [r.get("bound") for r in (frozen, sequential, joint, refs["linear probe"])] == [None, "lower", "upper",
+                                                                                          "upper"]
+    assert [len(row) for row in frozen["accuracy"]] == [1, 2] == [len(row) for row in sequential["accuracy"]]
+    assert [len(row) for row in joint["accuracy"]] == [2]
+    # the frozen backbone's heads come from class Gaussians, the probe's from the images: about the same fit
+    assert abs(frozen["test_top1"] - refs["linear probe"]["test_top1"]) < 0.1, refs
     assert joint["average_forgetting"] == 0.0  # one step: nothing to forget
     assert all(0 < r["test_top1"] <= 1 and r["graph"] == "source" for r in refs.values())
     assert "(lower bound)" in metrics["against_references"]["sequential fine-tuning"]

@@ -210,6 +210,11 @@ def test_cli_skip_and_its_errors(digits_bundle, tmp_path):
     assert json.loads(result.output)["removed_blocks"] == [1, 2]
     _, meta = load_bundle(out)
     assert meta.metrics["test_top1"] == meta.metrics["before_heal"]["test_top1"]  # no healing ran
+    said = runner.invoke(main, ["train", "skip", "--model", str(digits_bundle), "--data", "digits", "-o",
+                                str(tmp_path / "said"), "--blocks", "1", "--heal-epochs", "0"])
+    assert said.exit_code == 0, said.output  # the run's place against its reference, in words
+    assert said.output.strip().splitlines()[-1] == read_meta(tmp_path / "said").metrics["against_references"][
+        "unpruned model"]
     for extra, message in ((["--ratio", "1/3", "--blocks", "1"], "not both"),
                            (["--blocks", "7"], "does not exist"),
                            (["--blocks", "1,1"], "twice"),

@@ -144,4 +144,11 @@ def bundle_report(out: Path, cfg: Any) -> tuple[dict, str]:
 
     metrics = read_meta(out).metrics
     return {"run": str(out), **metrics}, (f"wrote {out}: val top-1 {metrics.get('val_top1', float('nan')):.4f}, "
-                                          f"test top-1 {metrics.get('test_top1', float('nan')):.4f}")
+                                          f"test top-1 {metrics.get('test_top1', float('nan')):.4f}"
+                                          + references_line(metrics))
+
+
+def references_line(metrics: dict) -> str:
+    """Where the run stands against its references, in words (empty without references)."""
+    said = metrics.get("against_references")
+    return "\n" + "; ".join(said.values()) if said else ""
