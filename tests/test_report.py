@@ -169,3 +169,13 @@ def test_findings_are_listed_under_their_label():
     assert findings_markdown(metrics) == ["## Findings", "", "- **MoViT**: the memory gate stayed at its initial 0.27",
                                           ""]
     assert findings_markdown({"baseline": {"test_top1": 0.9}}) == []
+
+
+def test_verdict_row_lists_the_other_references():
+    from edgevit.bench.report import Setting, verdict_markdown
+
+    entry = _entry(0.66, 1.0, frozen=(0.65, "source"), sequential=(0.48, "source", "lower"),
+                   joint=(0.95, "source", "upper"))
+    row = next(line for line in verdict_markdown({Setting("cpu", "ort", "fp32", 1): [entry]}) if line.startswith("| m"))
+    assert "| frozen 65.00%; lower bound sequential 48.00%; upper bound joint 95.00% | +1.00 |" in row
+    assert row.endswith("| **pays** |")

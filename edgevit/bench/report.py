@@ -234,20 +234,21 @@ def verdict_markdown(tables: dict[Setting, list[Entry]]) -> list[str]:
             judged = verdict(e)
             if judged:
                 word, name, gap, speed = judged
-                upper = "".join(f"; upper bound {n} {_fmt(100 * r['test_top1'], '.2f', '%')}"
-                                for n, r in e.references.items() if n not in judged_references(e.references))
+                others = "".join(f"; {r['bound'] + ' bound ' if r.get('bound') else ''}{n} "
+                                 f"{_fmt(100 * r['test_top1'], '.2f', '%')}"
+                                 for n, r in e.references.items() if n != name)
                 lines.append(f"| {e.label} | {setting.title()} | {_fmt(100 * e.top1, '.2f', '%')} | {name} "
-                             f"{_fmt(100 * e.references[name]['test_top1'], '.2f', '%')}{upper} | {gap:+.2f} "
+                             f"{_fmt(100 * e.references[name]['test_top1'], '.2f', '%')}{others} | {gap:+.2f} "
                              f"| {_fmt(speed, '.2f', '×')} | **{word}** |")
     if not lines:
         return []
     return ["## Verdicts", "",
-            "Each method against its most accurate reference (recorded in its bundle; hollow markers in pareto.png); "
-            "upper bounds, trained on every task at once, are listed beside it. *pays*: no slower and no more than "
-            f"{VERDICT_TOLERANCE_PP} points less accurate; *costs*: a trade (faster for an accuracy loss, or more "
-            "accurate for latency); *does not pay here*: less accurate and not faster, or slower and not more "
-            "accurate. Speed is vs the reference's graph (1× when the reference runs the same graph, or it is not "
-            "profiled here).",
+            "Each method against its most accurate reference that is not an upper bound (recorded in its bundle; "
+            "hollow markers in pareto.png); its other references are listed beside it. *pays*: no slower and no "
+            f"more than {VERDICT_TOLERANCE_PP} points less accurate; *costs*: a trade (faster for an accuracy loss, "
+            "or more accurate for latency); *does not pay here*: less accurate and not faster, or slower and not "
+            "more accurate. Speed is vs the reference's graph (1× when the reference runs the same graph, or it is "
+            "not profiled here).",
             "", "| label | setting | top-1 | reference | Δ (pp) | speed | verdict |",
             "|---|---|---:|---|---:|---:|---|", *lines, ""]
 
@@ -362,6 +363,7 @@ def pareto_png(tables: dict[Setting, list[Entry]], path: Path) -> bool:
 def _draw_panel(ax, setting: Setting, entries: list[Entry], name_machine: bool, others: list[str],
                 methods_seen: list[str]) -> None:
     placed: list[tuple[float, float]] = []  # label anchors in axes fractions, to step labels off each other
+    hollow: dict[tuple[float, float], tuple[str, list[str]]] = {}  # reference marker -> colour, names
     base = next((e for e in entries if e.baseline), None)
     xs_all, ys_all = [e.p50_ms for e in entries], [100 * e.top1 for e in entries]
     span_x, span_y = max(max(xs_all) - min(xs_all), 1e-9), max(max(ys_all) - min(ys_all), 1e-9)
@@ -381,9 +383,13 @@ def _draw_panel(ax, setting: Setting, entries: list[Entry], name_machine: bool, 
             at = (e.p50_ms * reference_speed(e, ref), 100 * ref["test_top1"])
             if base is not None and math.isclose(at[0], base.p50_ms, rel_tol=0.01) and at[1] == 100 * base.top1:
                 continue  # the reference is the baseline row itself
-            ax.scatter(*at, s=60, facecolors="none", edgecolors=colour, linewidths=1.4, zorder=3)
-            ax.annotate(name, at, textcoords="offset points", xytext=(7, -11), fontsize=8, color=colour,
-                        style="italic")
+            if any(name in names and y == at[1] for (_, y), (_, names) in hollow.items()):
+                continue  # shared by two forms of one run (DATA's merged and exact): drawn by the faster
+            hollow.setdefault(at, (colour, []))[1].append(name)
+    for at, (colour, names) in hollow.items():  # references that coincide share one marker and one label
+        ax.scatter(*at, s=60, facecolors="none", edgecolors=colour, linewidths=1.4, zorder=3)
+        ax.annotate(" = ".join(names), at, textcoords="offset points", xytext=(7, -11), fontsize=8, color=colour,
+                    style="italic")
     front = sorted((e.p50_ms, 100 * e.top1) for e in entries if e.pareto)
     xs, ys = zip(*front, strict=True)
     ax.step(xs, ys, where="post", color="#444444", linewidth=2, alpha=0.8, zorder=2)
