@@ -127,7 +127,7 @@ class ContinualConfig(MethodConfig):
     """
 
     # Per task. At 3e-3 the first task's adapters pull the features toward its 2-3 classes: final average accuracy
-    # 0.67 on digits 5-9 and 0.89 on photographs, 3 seeds; at 1e-4, 0.88 and 0.96 (docs/references.md).
+    # 0.67 on digits 5-9 and 0.81 on photographs, 3 seeds; at 1e-4, 0.88 and 0.96 (docs/references.md).
     training: ClassVar[dict] = {"epochs": 10, "lr": 1e-4, "warmup_epochs": 1.0}
 
     tasks: int | None = setting(None, "Number of tasks (default: classes // 2 for class, 4 for domain).")
