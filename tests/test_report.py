@@ -179,3 +179,32 @@ def test_verdict_row_lists_the_other_references():
     row = next(line for line in verdict_markdown({Setting("cpu", "ort", "fp32", 1): [entry]}) if line.startswith("| m"))
     assert "| frozen 65.00%; lower bound sequential 48.00%; upper bound joint 95.00% | +1.00 |" in row
     assert row.endswith("| **pays** |")
+
+
+def test_runs_of_one_label_are_one_row_with_their_seed_spread():
+    """Three seeds of a method, profiled under one label: one row, the mean top-1 at the median latency, and the
+    verdict table gives the spread."""
+    from edgevit.bench.report import Setting, merge_seeds, setting_entries, verdict_markdown
+    from edgevit.bench.schema import Latency, ResultRow
+
+    def row(artifact, top1, p50):
+        return ResultRow(artifact=artifact, method="prompts", label="BPT", backend="ort", precision="fp32", batch=1,
+                         top1=top1, latency_ms=Latency(p50=p50, p90=p50, p99=p50, mean=p50, iterations=20))
+
+    rows = [row("s0", 0.86, 1.2), row("s1", 0.90, 1.0), row("s2", 0.91, 1.1), row("other", 0.5, 9.0)]
+    rows[3].label = "probe only"
+    merged, seeds = merge_seeds(rows)
+    assert [(r.artifact, r.top1) for r in merged] == [("s2", pytest.approx(0.89)), ("other", 0.5)]
+    assert seeds == {"BPT": [0.90, 0.91, 0.86]}
+    entries = setting_entries(rows, references={"BPT": {"linear probe": {"test_top1": 0.88, "graph": "source"}}})
+    line = next(x for x in verdict_markdown({Setting("cpu", "ort", "fp32", 1): entries}) if x.startswith("| BPT"))
+    assert "| 89.00% (mean of 3 runs, spread 5.00) | linear probe 88.00% | +1.00 |" in line
+
+
+def test_references_of_several_runs_are_averaged():
+    from edgevit.bench.report import mean_references
+
+    runs = [{"references": {"probe": {"test_top1": 0.8, "graph": "source"}, "only here": {"test_top1": 0.1}}},
+            {"references": {"probe": {"test_top1": 0.9, "graph": "source"}}}]
+    assert mean_references(runs) == {"references": {"probe": {"test_top1": pytest.approx(0.85), "graph": "source"}}}
+    assert mean_references(runs[:1]) == {}

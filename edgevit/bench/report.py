@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -65,8 +66,9 @@ class Entry:
     delta_top1_pp: float | None = None
     pareto: bool = False
     baseline: bool = False
-    references: dict | None = None  # name -> {test_top1, graph}, from the bundle
+    references: dict | None = None  # name -> {test_top1, graph}, from the bundle (the mean over its seeds' bundles)
     verdict: str | None = None
+    seed_top1: list[float] | None = None  # one top-1 per run when the label was measured on several (seeds)
 
 
 # A method pays when it is within this many points of its best reference and no slower; the seed spread of a
@@ -140,10 +142,30 @@ def _find_baseline(rows: Sequence[ResultRow], baseline_label: str | None) -> Res
     return next((r for r in rows if r.method == "baseline"), None)
 
 
+def merge_seeds(rows: Sequence[ResultRow]) -> tuple[list[ResultRow], dict[str, list[float]]]:
+    """One row per label: a label measured on several artifacts (a run per seed) becomes its median-latency row
+    with the mean top-1. Returns the rows and, for those labels, the top-1 of each run."""
+    by_label: dict[str, list[ResultRow]] = {}
+    for row in rows:
+        by_label.setdefault(row_label(row), []).append(row)
+    merged, seeds = [], {}
+    for label, group in by_label.items():
+        group = sorted(group, key=lambda r: r.latency_ms.p50 if r.latency_ms else math.inf)
+        row = group[(len(group) - 1) // 2]
+        top1s = [r.top1 for r in group if r.top1 is not None]
+        if len(group) > 1 and top1s:
+            seeds[label] = top1s
+            row = row.model_copy(update={"top1": statistics.mean(top1s)})
+        merged.append(row)
+    return merged, seeds
+
+
 def setting_entries(rows: Sequence[ResultRow], baseline_label: str | None = None,
                     references: dict[str, dict] | None = None) -> list[Entry]:
     """The table of one setting, sorted by p50, with speed-up, accuracy change, Pareto membership, and each row's
-    references (``references``: label -> the bundle's) and verdict."""
+    references (``references``: label -> the bundle's) and verdict. A label measured on several runs (seeds) is
+    one row: :func:`merge_seeds`."""
+    rows, seeds = merge_seeds(rows)
     base = _find_baseline(rows, baseline_label)
     entries = []
     for row in rows:
@@ -152,7 +174,7 @@ def setting_entries(rows: Sequence[ResultRow], baseline_label: str | None = None
                       p99_ms=lat.p99 if lat else None, throughput_ips=row.throughput_ips, gflops=row.gflops,
                       params=row.params, artifact_mb=row.artifact_mb, peak_memory_mb=row.peak_memory_mb,
                       energy_mj_per_image=row.energy_mj_per_image, baseline=row is base,
-                      references=(references or {}).get(row_label(row)))
+                      references=(references or {}).get(row_label(row)), seed_top1=seeds.get(row_label(row)))
         if base is not None and base.latency_ms and lat:
             entry.speedup = round(base.latency_ms.p50 / lat.p50, 3)
         if base is not None and base.top1 is not None and row.top1 is not None:
@@ -203,21 +225,32 @@ def markdown(tables: dict[Setting, list[Entry]], source: str) -> str:
 
 def bundle_metrics(rows: Sequence[ResultRow]) -> dict[str, dict]:
     """Per label: its bundle's classes and metrics (measured at training time, torch fp32), for the artifacts that
-    are still where they were profiled."""
+    are still where they were profiled. A label with several runs (seeds) keeps its first run's metrics and the
+    mean of its runs' references."""
     from edgevit.bench.backends import open_artifact
 
-    found: dict[str, dict] = {}
+    found: dict[str, dict[str, dict]] = {}  # label -> bundle -> its metrics
     for row in rows:
-        if row_label(row) in found:
-            continue
         for path in (Path(row.artifact), Path(row.artifact).parent):  # an engine file sits in its export dir
             try:
-                meta = open_artifact(path).meta
+                artifact = open_artifact(path)
             except EdgeVitError:
                 continue
-            found[row_label(row)] = {"classes": meta.classes, **meta.metrics}
+            found.setdefault(row_label(row), {})[str(artifact.meta.provenance)] = {"classes": artifact.meta.classes,
+                                                                                  **artifact.meta.metrics}
             break
-    return found
+    return {label: {**next(iter(runs.values())), **mean_references(list(runs.values()))}
+            for label, runs in found.items()}
+
+
+def mean_references(runs: list[dict]) -> dict[str, dict]:
+    """``{"references": ...}`` with each reference's test top-1 the mean over ``runs`` (several seeds), or {}."""
+    if len(runs) < 2 or not all(r.get("references") for r in runs):
+        return {}
+    names = [n for n in runs[0]["references"] if all(n in r["references"] for r in runs)]
+    return {"references": {n: {**runs[0]["references"][n],
+                                "test_top1": statistics.mean(r["references"][n]["test_top1"] for r in runs)}
+                           for n in names}}
 
 
 def class_metrics(per_label: dict[str, dict]) -> dict[str, dict]:
@@ -237,7 +270,9 @@ def verdict_markdown(tables: dict[Setting, list[Entry]]) -> list[str]:
                 others = "".join(f"; {r['bound'] + ' bound ' if r.get('bound') else ''}{n} "
                                  f"{_fmt(100 * r['test_top1'], '.2f', '%')}"
                                  for n, r in e.references.items() if n != name)
-                lines.append(f"| {e.label} | {setting.title()} | {_fmt(100 * e.top1, '.2f', '%')} | {name} "
+                seeds = (f" (mean of {len(e.seed_top1)} runs, spread {100 * (max(e.seed_top1) - min(e.seed_top1)):.2f})"
+                         if e.seed_top1 else "")
+                lines.append(f"| {e.label} | {setting.title()} | {_fmt(100 * e.top1, '.2f', '%')}{seeds} | {name} "
                              f"{_fmt(100 * e.references[name]['test_top1'], '.2f', '%')}{others} | {gap:+.2f} "
                              f"| {_fmt(speed, '.2f', '×')} | **{word}** |")
     if not lines:
