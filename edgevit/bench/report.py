@@ -229,8 +229,8 @@ def bundle_metrics(rows: Sequence[ResultRow]) -> dict[str, dict]:
     mean of its runs' references."""
     from edgevit.bench.backends import open_artifact
 
-    found: dict[str, dict[str, dict]] = {}  # label -> bundle -> its metrics
-    for row in rows:
+    found: dict[str, dict[str, dict]] = {}  # label -> run (its provenance) -> its metrics
+    for row in {row.artifact: row for row in rows}.values():  # each artifact once, whatever its batches and backends
         for path in (Path(row.artifact), Path(row.artifact).parent):  # an engine file sits in its export dir
             try:
                 artifact = open_artifact(path)
